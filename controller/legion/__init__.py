@@ -1,0 +1,72 @@
+"""Legion for Python: agents write Python; it runs in network-less Docker
+sandboxes; every tool call is proxied back to the host over gRPC.
+
+The sandbox layer on its own::
+
+    import asyncio, legion
+
+    class Calculator:
+        \"\"\"Arithmetic on the host.\"\"\"
+        def add(self, a: int, b: int) -> int:
+            return a + b
+
+    async def main():
+        async with legion.Sandbox(tools=[Calculator]) as sandbox:
+            result = await sandbox.run("total = Calculator.add(2, 3)\\ntotal * 10")
+            print(result.value)   # 50
+
+    asyncio.run(main())
+"""
+
+import os as _os
+
+# litellm otherwise fetches a price table from the internet when imported; a
+# user's own setting wins.
+_os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from . import vault  # noqa: E402
+from .config import SandboxLimits  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendError,
+    DockerUnavailable,
+    ImageNotFound,
+    LegionError,
+    SandboxClosed,
+    SandboxCrashed,
+    SandboxError,
+    SandboxOOMKilled,
+    SandboxStartError,
+    UsageError,
+    VaultKeyError,
+)
+from .sandbox import (  # noqa: E402
+    ExecError,
+    ExecResult,
+    ResourceStats,
+    Sandbox,
+    SandboxRuntime,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "DockerUnavailable",
+    "ExecError",
+    "ExecResult",
+    "ImageNotFound",
+    "LegionError",
+    "ResourceStats",
+    "Sandbox",
+    "SandboxClosed",
+    "SandboxCrashed",
+    "SandboxError",
+    "SandboxLimits",
+    "SandboxOOMKilled",
+    "SandboxRuntime",
+    "SandboxStartError",
+    "UsageError",
+    "VaultKeyError",
+    "__version__",
+    "vault",
+]

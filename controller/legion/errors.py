@@ -1,0 +1,82 @@
+"""Every error Legion raises derives from :class:`LegionError`.
+
+The tree::
+
+    LegionError
+    ├── UsageError               the caller's mistake: bad config, bad tool; says how to fix it
+    ├── VaultKeyError            a tool asked the vault for a key the caller did not bind
+    └── SandboxError             a sandbox could not do its job
+        ├── DockerUnavailable    no Docker engine answers
+        ├── ImageNotFound        the sandbox image is not built (`make image`, `legion image build`)
+        ├── BackendError         the engine refused or failed an operation
+        ├── SandboxStartError    a container did not become ready (no Hello in time, or exited)
+        ├── SandboxClosed        the Sandbox was used after it was closed
+        └── SandboxCrashed       the container died while running code; bindings are lost
+            └── SandboxOOMKilled the kernel killed it at its memory limit
+
+Errors raised by sandbox *code* (including a timeout) are not exceptions on the
+host: they come back in :attr:`legion.ExecResult.error`, because a model, not
+the host program, is meant to read and fix them.
+
+Docker and gRPC errors are translated into these where they enter Legion, once.
+"""
+
+from __future__ import annotations
+
+
+class LegionError(Exception):
+    """Root of every error raised by Legion."""
+
+
+class UsageError(LegionError, ValueError):
+    """The caller used Legion wrongly (bad settings, a tool with nothing to call).
+
+    The message says how to fix it.
+    """
+
+
+class VaultKeyError(LegionError, KeyError):
+    """A tool read a vault key that the caller did not bind."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SandboxError(LegionError):
+    """A sandbox could not be provided or did not survive the code it ran."""
+
+
+class DockerUnavailable(SandboxError):
+    """No Docker engine answers."""
+
+
+class ImageNotFound(SandboxError):
+    """The sandbox image for this version of the runner has not been built."""
+
+
+class BackendError(SandboxError):
+    """The container engine refused or failed an operation."""
+
+
+class SandboxStartError(SandboxError):
+    """A container did not become ready (no Hello in time, or it exited first)."""
+
+
+class SandboxClosed(SandboxError):
+    """The Sandbox was used after it was closed."""
+
+
+class SandboxCrashed(SandboxError):
+    """The container died while running code. Its bindings are lost; the next
+    ``run`` on the same :class:`legion.Sandbox` gets a fresh container."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, stdout: str = "",
+                 stderr: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class SandboxOOMKilled(SandboxCrashed):
+    """The kernel killed the sandbox at its memory limit."""

@@ -1,0 +1,16 @@
+"""Sandboxes: network-less containers that run Python and call host tools over gRPC."""
+
+from .runtime import SandboxRuntime, default_runtime
+from .session import ExecError, ExecResult, ResourceStats, Sandbox
+from .tools import ToolDef, tool_from
+
+__all__ = [
+    "ExecError",
+    "ExecResult",
+    "ResourceStats",
+    "Sandbox",
+    "SandboxRuntime",
+    "ToolDef",
+    "default_runtime",
+    "tool_from",
+]

@@ -1,0 +1,288 @@
+"""A sandbox runtime: the channel server, the Docker backend and a warm pool.
+
+One runtime serves many :class:`legion.Sandbox` objects, one container each.
+``Sandbox()`` without ``runtime=`` uses a default runtime for the running event
+loop, started on first use and closed at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._log import get_logger
+
+from ..config import SandboxLimits
+from ..errors import SandboxError, SandboxStartError, UsageError
+from . import image as _image
+from .channel import ChannelServer, Connection
+from .docker_backend import DockerBackend
+
+log = get_logger("legion.sandbox.runtime")
+
+DEFAULT_POOL_SIZE = 2
+
+
+@dataclass
+class Lease:
+    """A started container whose runner said Hello, held by one Sandbox."""
+
+    container_id: str
+    connection: Connection
+    limits: SandboxLimits
+    started_at: float
+
+
+def _env_pool_size() -> int:
+    raw = os.environ.get("LEGION_POOL_SIZE")
+    if raw is None:
+        return DEFAULT_POOL_SIZE
+    try:
+        size = int(raw)
+    except ValueError:
+        raise UsageError(f"LEGION_POOL_SIZE must be a whole number, got {raw!r}") from None
+    if size < 0:
+        raise UsageError("LEGION_POOL_SIZE must be 0 (cold starts) or more")
+    return size
+
+
+class SandboxRuntime:
+    """Starts and removes sandbox containers and keeps a pool of ready ones.
+
+    Use it as an async context manager, or call :meth:`start` and
+    :meth:`aclose`. Containers left by a controller that died are removed at
+    start-up; every container this runtime started is removed by ``aclose``.
+
+    ``pool_size`` containers with the runtime's default ``limits`` are kept
+    started and ready (0: every sandbox is a cold start). Sandboxes with other
+    limits are started cold.
+    """
+
+    def __init__(self, *, limits: SandboxLimits | None = None, pool_size: int | None = None,
+                 image: str | None = None, socket_dir: Path | None = None,
+                 docker_client: Any = None) -> None:
+        self.limits = limits or SandboxLimits()
+        self.pool_size = _env_pool_size() if pool_size is None else pool_size
+        if self.pool_size < 0:
+            raise UsageError("pool_size must be 0 (cold starts) or more")
+        self.id = uuid.uuid4().hex
+        self.image = image or os.environ.get("LEGION_IMAGE") or _image.image_tag()
+        self.backend = DockerBackend(image=self.image, runtime_id=self.id, client=docker_client)
+        self._socket_parent = socket_dir
+        self._dir: Path | None = None
+        self._channel: ChannelServer | None = None
+        self._ready: deque[Lease] = deque()
+        self._starting = 0
+        self._failures = 0
+        self._refill_wanted = asyncio.Event()
+        self._refill_task: asyncio.Task[None] | None = None
+        self._removals: set[asyncio.Task[None]] = set()
+        self._containers: set[str] = set()
+        self._names = itertools.count(1)
+        self._state = "new"
+        self._start_lock = asyncio.Lock()
+
+    # lifecycle -------------------------------------------------------------
+
+    async def start(self) -> SandboxRuntime:
+        async with self._start_lock:
+            if self._state == "started":
+                return self
+            if self._state == "closed":
+                raise SandboxError("this SandboxRuntime is closed")
+            await self.backend.check()
+            await self.backend.reap_orphans()
+            self._dir = Path(tempfile.mkdtemp(prefix="legion-", dir=self._socket_parent))
+            self._dir.chmod(0o755)  # the container's unprivileged user must reach the socket
+            self._channel = ChannelServer(self._dir,
+                                          max_message_bytes=self.limits.max_message_bytes)
+            await self._channel.start()
+            _live_runtimes.add(self)
+            self._state = "started"
+            if self.pool_size:
+                self._refill_task = asyncio.create_task(self._refill(), name="legion-pool")
+            log.debug("sandbox_runtime_started", runtime=self.id, image=self.image,
+                      pool_size=self.pool_size)
+            return self
+
+    async def aclose(self) -> None:
+        """Remove every container this runtime started and stop the channel."""
+        if self._state != "started":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill_task
+        while self._ready:
+            self.release(self._ready.popleft())
+        for container_id in list(self._containers):
+            self._remove(container_id)
+        while self._removals:
+            await asyncio.gather(*list(self._removals), return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        _live_runtimes.discard(self)
+        self._state = "closed"
+
+    async def __aenter__(self) -> SandboxRuntime:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def live_containers(self) -> frozenset[str]:
+        """Ids of the containers this runtime has started and not yet removed."""
+        return frozenset(self._containers)
+
+    # containers ------------------------------------------------------------
+
+    async def acquire(self, limits: SandboxLimits | None = None) -> Lease:
+        """A ready container: from the pool when the limits match, else cold."""
+        if self._state != "started":
+            await self.start()
+        limits = limits or self.limits
+        if limits == self.limits:
+            while self._ready:
+                lease = self._ready.popleft()
+                self._refill_wanted.set()
+                if lease.connection.is_open:
+                    return lease
+                self.release(lease)
+        return await self._start_container(limits)
+
+    def release(self, lease: Lease) -> asyncio.Task[None]:
+        """Kill and remove a leased container in the background."""
+        lease.connection.attach(None)
+        lease.connection.close()
+        return self._remove(lease.container_id)
+
+    def _remove(self, container_id: str) -> asyncio.Task[None]:
+        async def remove() -> None:
+            try:
+                await self.backend.remove(container_id)
+            except SandboxError as exc:
+                log.warning("sandbox_remove_failed", container=container_id[:12], error=str(exc))
+            finally:
+                self._containers.discard(container_id)
+
+        task = asyncio.create_task(remove())
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        return task
+
+    async def _start_container(self, limits: SandboxLimits) -> Lease:
+        assert self._channel is not None and self._dir is not None
+        token = secrets.token_urlsafe(32)
+        hello = self._channel.expect(token)
+        name = f"legion-{self.id[:8]}-{next(self._names)}"
+        config = self.backend.container_config(limits, token=token, socket_dir=self._dir,
+                                               name=name)
+        begun = time.perf_counter()
+        try:
+            container_id = await self.backend.start(config)
+        except BaseException:
+            self._channel.forget(token)
+            raise
+        self._containers.add(container_id)
+        try:
+            connection = await self._await_hello(container_id, hello, limits)
+        except BaseException:
+            self._channel.forget(token)
+            self._remove(container_id)
+            raise
+        log.debug("sandbox_started", container=container_id[:12],
+                  ms=round((time.perf_counter() - begun) * 1000, 1))
+        return Lease(container_id, connection, limits, time.monotonic())
+
+    async def _await_hello(self, container_id: str, hello: asyncio.Future[Connection],
+                           limits: SandboxLimits) -> Connection:
+        deadline = time.monotonic() + limits.start_timeout_seconds
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(hello), 1.0)
+            except TimeoutError:
+                pass
+            state = await self.backend.state(container_id)
+            if state is None or not state.running:
+                code = None if state is None else state.exit_code
+                raise SandboxStartError(
+                    f"the sandbox container exited (code {code}) before its runner connected. "
+                    f"Check that the image {self.image} is a Legion sandbox image "
+                    f"(`legion image build`) and that the limits leave room to start "
+                    f"(memory_mb={limits.memory_mb}, pids={limits.pids}).")
+            if time.monotonic() > deadline:
+                raise SandboxStartError(
+                    f"the sandbox runner did not connect within {limits.start_timeout_seconds:g}"
+                    f" s; the machine may be overloaded (raise start_timeout_seconds)")
+
+    # the warm pool -----------------------------------------------------------
+
+    async def _refill(self) -> None:
+        while True:
+            missing = self.pool_size - len(self._ready) - self._starting
+            for _ in range(max(0, min(missing, 2 - self._starting))):
+                self._starting += 1
+                asyncio.create_task(self._start_for_pool())
+            self._refill_wanted.clear()
+            await self._refill_wanted.wait()
+
+    async def _start_for_pool(self) -> None:
+        try:
+            lease = await self._start_container(self.limits)
+        except Exception as exc:
+            self._failures += 1
+            log.warning("sandbox_pool_start_failed", error=str(exc), failures=self._failures)
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
+        else:
+            self._failures = 0
+            if self._state == "started":
+                self._ready.append(lease)
+            else:
+                self.release(lease)
+        finally:
+            self._starting -= 1
+            self._refill_wanted.set()
+
+
+# --- the default runtime, one per event loop -----------------------------------
+
+_live_runtimes: weakref.WeakSet[SandboxRuntime] = weakref.WeakSet()
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SandboxRuntime] = (
+    weakref.WeakKeyDictionary())
+
+
+async def default_runtime() -> SandboxRuntime:
+    """The runtime ``Sandbox()`` uses when given none (per event loop)."""
+    loop = asyncio.get_running_loop()
+    runtime = _defaults.get(loop)
+    if runtime is None or runtime._state == "closed":
+        runtime = _defaults[loop] = SandboxRuntime()
+    return await runtime.start()
+
+
+@atexit.register
+def _remove_leftovers() -> None:
+    # A program that never closed its runtime must not leave containers behind.
+    for runtime in list(_live_runtimes):
+        with contextlib.suppress(Exception):
+            runtime.backend.remove_all_sync()
+        if runtime._dir is not None:
+            shutil.rmtree(runtime._dir, ignore_errors=True)

@@ -1,0 +1,227 @@
+"""Host-side tools: what sandbox code may call, checked and run on the controller.
+
+A tool is a plain function, a class whose public methods are the functions (an
+instance is made with no arguments when a method needs ``self``), an instance,
+or a module (its public functions, or ``__all__``). The sandbox only ever gets
+names, signatures and docstrings; the functions run here, with the caller's
+vault, their arguments validated against the real signature by pydantic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import json
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from .._proto import sandbox_pb2 as pb
+from ..errors import UsageError
+from . import _codec
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    name: str
+    signature: str
+    doc: str
+    call: Callable[..., Any] = field(repr=False)
+    is_async: bool
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    """One tool as sandbox code sees it: ``Name.function(...)``, or ``name(...)``."""
+
+    name: str
+    doc: str
+    functions: Mapping[str, ToolFunction]
+    is_function: bool = False
+
+    def spec(self) -> pb.ToolSpec:
+        return pb.ToolSpec(
+            name=self.name, doc=self.doc, is_function=self.is_function,
+            functions=[pb.FunctionSpec(name=f.name, signature=f.signature, doc=f.doc)
+                       for f in self.functions.values()])
+
+
+def _function(name: str, fn: Callable[..., Any], *, label: str) -> ToolFunction:
+    try:
+        signature = str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        signature = "(*args, **kwargs)"
+    unwrapped = inspect.unwrap(fn)
+    is_async = inspect.iscoroutinefunction(unwrapped)
+    try:
+        validated = pydantic.validate_call(fn, config=pydantic.ConfigDict(
+            arbitrary_types_allowed=True))
+    except (pydantic.PydanticUserError, TypeError) as exc:
+        raise UsageError(f"tool function {label}: its signature cannot be validated ({exc}); "
+                         f"annotate its parameters with JSON-compatible types") from exc
+    return ToolFunction(name=name, signature=signature, doc=inspect.getdoc(fn) or "",
+                        call=validated, is_async=is_async)
+
+
+def _public_methods(obj: Any, owner: type) -> dict[str, Callable[..., Any]]:
+    found: dict[str, Callable[..., Any]] = {}
+    for klass in reversed(owner.__mro__[:-1]):  # every base but object
+        for name, attr in vars(klass).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(attr, (staticmethod, classmethod)) or inspect.isfunction(attr):
+                found[name] = getattr(obj, name)
+    return found
+
+
+def tool_from(obj: Any, *, name: str | None = None) -> ToolDef:
+    """Describe ``obj`` as a tool; raises UsageError saying how to fix a bad one."""
+    if isinstance(obj, ToolDef):
+        return obj
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.ismethod(obj):
+        tool_name = name or obj.__name__
+        fn = _function("", obj, label=tool_name)
+        return ToolDef(name=tool_name, doc=fn.doc, functions={"": fn}, is_function=True)
+    if isinstance(obj, types.ModuleType):
+        tool_name = name or obj.__name__.rsplit(".", 1)[-1]
+        names = getattr(obj, "__all__", None) or [
+            n for n, v in vars(obj).items() if not n.startswith("_") and callable(v)
+            and getattr(v, "__module__", None) == obj.__name__ and not isinstance(v, type)]
+        members = {n: getattr(obj, n) for n in names}
+    elif isinstance(obj, type):
+        tool_name = name or obj.__name__
+        needs_self = any(inspect.isfunction(a) for k in obj.__mro__[:-1]
+                         for n, a in vars(k).items() if not n.startswith("_"))
+        instance: Any = obj
+        if needs_self:
+            try:
+                instance = obj()
+            except TypeError as exc:
+                raise UsageError(
+                    f"tool {tool_name}: its methods need an instance and {tool_name}() failed "
+                    f"({exc}); pass an instance instead of the class") from exc
+        members = _public_methods(instance, obj)
+    else:
+        tool_name = name or type(obj).__name__
+        members = _public_methods(obj, type(obj))
+    if not tool_name.isidentifier():
+        raise UsageError(f"tool name {tool_name!r} is not a Python identifier; pass name=...")
+    if not members:
+        raise UsageError(f"tool {tool_name} has no public functions to call: define a method "
+                         f"whose name does not start with '_' (or list them in __all__)")
+    functions = {n: _function(n, fn, label=f"{tool_name}.{n}") for n, fn in members.items()}
+    doc = inspect.getdoc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
+    return ToolDef(name=tool_name, doc=(doc or "").strip(), functions=functions)
+
+
+def toolset(tools: Iterable[Any]) -> dict[str, ToolDef]:
+    out: dict[str, ToolDef] = {}
+    for obj in tools:
+        tool = tool_from(obj)
+        if tool.name in out:
+            raise UsageError(f"two tools are named {tool.name!r}; tool names must be unique")
+        out[tool.name] = tool
+    return out
+
+
+class _RateLimit:
+    """A token bucket: ``rate`` calls a second, bursts of up to ``rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _error(call_id: str, type_name: str, message: str) -> pb.ToolResult:
+    return pb.ToolResult(call_id=call_id, error=pb.ToolError(type=type_name, message=message))
+
+
+def _describe_validation(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+class ToolDispatcher:
+    """Serves one sandbox's ToolCalls: allowlist, arguments, caps, then the real call."""
+
+    def __init__(self, tools: Mapping[str, ToolDef], *, timeout: float, max_concurrent: int,
+                 rate: float, max_message: int) -> None:
+        self.tools = tools
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._rate = _RateLimit(rate)
+        self._max_message = max_message
+
+    async def handle(self, call: pb.ToolCall, context: contextvars.Context) -> pb.ToolResult:
+        label = f"{call.tool}.{call.function}" if call.function else call.tool
+        tool = self.tools.get(call.tool)
+        fn = tool.functions.get(call.function or "") if tool is not None else None
+        if tool is None or fn is None:
+            allowed = ", ".join(sorted(
+                t.name if t.is_function else f"{t.name}.{f}" for t in self.tools.values()
+                for f in t.functions)) or "none"
+            return _error(call.call_id, "ToolNotAllowed",
+                          f"{label} is not a tool this sandbox may call (allowed: {allowed})")
+        if not self._rate.take():
+            return _error(call.call_id, "ToolRateLimited",
+                          f"{label}: more than {self._rate.rate:g} tool calls a second")
+        try:
+            args = json.loads(call.args_json or "[]")
+            kwargs = json.loads(call.kwargs_json or "{}")
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ValueError("expected a JSON array and a JSON object")
+        except ValueError as exc:
+            return _error(call.call_id, "ToolArgumentError", f"{label}: malformed arguments: {exc}")
+        async with self._slots:
+            return await self._invoke(call.call_id, label, fn, args, kwargs, context)
+
+    async def _invoke(self, call_id: str, label: str, fn: ToolFunction, args: list[Any],
+                      kwargs: dict[str, Any], context: contextvars.Context) -> pb.ToolResult:
+        # Each call gets its own copy: one Context cannot be entered by two
+        # threads at once, and a tool must not leak changes into the caller's.
+        ctx = context.copy()
+        try:
+            if fn.is_async:
+                task = asyncio.create_task(fn.call(*args, **kwargs), context=ctx)
+                value = await asyncio.wait_for(task, self._timeout)
+            else:
+                loop = asyncio.get_running_loop()
+                future = loop.run_in_executor(None, functools.partial(ctx.run, fn.call, *args,
+                                                                      **kwargs))
+                value = await asyncio.wait_for(future, self._timeout)
+        except pydantic.ValidationError as exc:
+            return _error(call_id, "ToolArgumentError",
+                          f"{label}{fn.signature}: {_describe_validation(exc)}")
+        except TimeoutError:
+            return _error(call_id, "ToolTimeout",
+                          f"{label} did not answer within {self._timeout:g} s")
+        except Exception as exc:
+            # The type name and message only: a host traceback would show the
+            # sandbox host paths and code it has no business seeing.
+            return _error(call_id, type(exc).__name__, str(exc) or type(exc).__name__)
+        encoded = _codec.encode(value)
+        size = _codec.payload_size(encoded)
+        if size > self._max_message - 4096:
+            return _error(call_id, "MessageTooLarge",
+                          f"{label} returned {size} bytes; a tool result may be at most "
+                          f"{self._max_message - 4096} bytes")
+        return pb.ToolResult(call_id=call_id, value=encoded)

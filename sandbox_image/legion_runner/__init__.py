@@ -1,0 +1,1 @@
+"""The in-container side of a Legion sandbox: ``python3 -m legion_runner``."""

@@ -1,0 +1,530 @@
+"""The process inside a sandbox container.
+
+It dials the controller over the read-only-mounted Unix socket, says Hello
+with its one-time token, then executes code in one persistent namespace, one
+Execute at a time, on a worker thread. The receiving thread stays free to
+deliver tool results and Cancel while code runs.
+
+Imports only the standard library, grpcio, protobuf and the generated stubs:
+the image stays small and offers sandbox code little to work with.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import linecache
+import os
+import pathlib
+import queue
+import resource
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ._proto import sandbox_pb2 as pb
+from ._proto import sandbox_pb2_grpc as pb_grpc
+
+RUNNER_VERSION = "1"
+_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+# Room for the envelope around a payload (ids, field tags) within one message.
+_ENVELOPE = 4096
+_OUTPUT_CHUNK = 64 * 1024
+_OUTPUT_FLUSH_SECONDS = 0.1
+_RUNNER_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- errors raised inside sandbox code -------------------------------------
+
+
+class ToolError(Exception):
+    """A tool call failed on the host. ``type_name`` is the host-side error type."""
+
+    type_name = "ToolError"
+
+    def __init__(self, message: str, *, tool: str = "", function: str = "") -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.function = function
+
+
+class ToolNotAllowed(ToolError):
+    """The tool or function is not on this sandbox's allowlist."""
+
+
+class ToolArgumentError(ToolError, TypeError):
+    """The arguments do not fit the tool's signature."""
+
+
+class ToolTimeout(ToolError, TimeoutError):
+    """The tool did not answer within its time limit."""
+
+
+class MessageTooLarge(ToolError, ValueError):
+    """A payload is larger than one channel message may carry."""
+
+
+class ExecutionCancelled(BaseException):
+    """Raised inside running code when the controller cancels it.
+
+    A BaseException so that ``except Exception`` in sandbox code does not
+    swallow it.
+    """
+
+
+_CATEGORIES: dict[str, type[ToolError]] = {
+    cls.__name__: cls for cls in (ToolError, ToolNotAllowed, ToolArgumentError, ToolTimeout,
+                                  MessageTooLarge)
+}
+_error_classes: dict[str, type[ToolError]] = dict(_CATEGORIES)
+
+
+def tool_error_class(type_name: str) -> type[ToolError]:
+    """A ToolError subclass named like the host's error, also a subclass of the
+    builtin exception of that name when there is one, so ``except ValueError``
+    catches a tool's ValueError."""
+    cls = _error_classes.get(type_name)
+    if cls is not None:
+        return cls
+    bases: tuple[type, ...] = (ToolError,)
+    builtin = getattr(builtins, type_name, None)
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        bases = (ToolError, builtin)
+    try:
+        cls = type(type_name, bases, {"type_name": type_name, "__module__": "tools"})
+    except (TypeError, ValueError):  # instance lay-out conflict, odd names
+        cls = type("ToolError", (ToolError,), {"type_name": type_name, "__module__": "tools"})
+    _error_classes[type_name] = cls
+    return cls
+
+
+class HostRepr(str):
+    """A host value JSON could not carry: the text is the value's repr."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# --- JSON at the boundary ---------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=False, ensure_ascii=False)
+
+
+def safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<{type(value).__name__} object; repr() raised {type(exc).__name__}>"
+
+
+def encode_value(value: Any) -> pb.Value:
+    try:
+        return pb.Value(json=to_json(value))
+    except (TypeError, ValueError, RecursionError):
+        return pb.Value(repr=safe_repr(value))
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+# --- output capture ---------------------------------------------------------
+
+
+class _Capture:
+    """Replaces sys.stdout/sys.stderr. Keeps at most the current execution's
+    limit of bytes, sends them in chunks, and counts what it drops."""
+
+    def __init__(self, runner: Runner, stream: int) -> None:
+        self._runner = runner
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self.exec_id = ""
+        self.limit = 0
+        self.kept = 0
+        self.dropped = 0
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def start(self, exec_id: str, limit: int) -> None:
+        with self._lock:
+            self.exec_id, self.limit, self.kept, self.dropped = exec_id, limit, 0, 0
+            self._buf, self._buffered = [], 0
+
+    def finish(self) -> int:
+        """Flush and stop capturing; return the number of bytes dropped."""
+        with self._lock:
+            self._flush_locked()
+            self.exec_id = ""
+            return self.dropped
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._lock:
+            if not self.exec_id:
+                return len(text)  # a leftover thread between executions
+            room = self.limit - self.kept
+            if room <= 0:
+                self.dropped += len(text)
+                return len(text)
+            # Never encode the whole text: a huge print must not double its
+            # memory inside a capped container. Past the limit, characters
+            # are counted, not encoded.
+            head = text[:room]
+            data = head.encode("utf-8", "replace")[:room]
+            self.dropped += len(text) - len(head)
+            self.kept += len(data)
+            self._buf.append(data)
+            self._buffered += len(data)
+            now = time.monotonic()
+            if self._buffered >= _OUTPUT_CHUNK or now - self._last_flush >= _OUTPUT_FLUSH_SECONDS:
+                self._flush_locked()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffered:
+            return
+        data = b"".join(self._buf)
+        self._buf, self._buffered = [], 0
+        for start in range(0, len(data), _OUTPUT_CHUNK):
+            self._runner.send(pb.RunnerMessage(output=pb.Output(
+                exec_id=self.exec_id, stream=self._stream, data=data[start:start + _OUTPUT_CHUNK])))
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("sandbox output is captured; it has no file descriptor")
+
+
+# --- tool stubs --------------------------------------------------------------
+
+
+class _PendingCall:
+    __slots__ = ("event", "exec_id", "result")
+
+    def __init__(self, exec_id: str) -> None:
+        self.event = threading.Event()
+        self.exec_id = exec_id
+        self.result: pb.ToolResult | None = None
+
+
+class ToolStub:
+    """Stands in for a host tool. Each function sends a ToolCall and waits."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.__name__ = name
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        return f"<tool {self.__name__}>"
+
+
+def _make_function(runner: Runner, tool: str, fn: pb.FunctionSpec) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return runner.call_tool(tool, fn.name, args, kwargs)
+
+    qualified = f"{tool}.{fn.name}" if fn.name else tool
+    call.__name__ = fn.name or tool
+    call.__qualname__ = qualified
+    call.__doc__ = f"{qualified}{fn.signature}\n\n{fn.doc}".rstrip()
+    return call
+
+
+# --- the runner --------------------------------------------------------------
+
+
+def _strip_runner_frames(exc: BaseException) -> str:
+    te = traceback.TracebackException.from_exception(exc, capture_locals=False)
+    for part in _chain(te):
+        part.stack = traceback.StackSummary.from_list(
+            [f for f in part.stack if not f.filename.startswith(_RUNNER_DIR)])
+    return "".join(te.format())
+
+
+def _chain(te: traceback.TracebackException) -> Iterator[traceback.TracebackException]:
+    seen: set[int] = set()
+    cur: traceback.TracebackException | None = te
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+class Runner:
+    def __init__(self, socket_path: str, token: str, *, max_message: int) -> None:
+        self._socket_path = socket_path
+        self._token = token
+        self._max_message = max_message
+        self._outbox: queue.SimpleQueue[pb.RunnerMessage | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[pb.ControllerMessage] = queue.SimpleQueue()
+        self._pending: dict[str, _PendingCall] = {}
+        self._lock = threading.Lock()
+        self._tools: dict[str, Any] = {}
+        self._namespace: dict[str, Any] = {}
+        self._current_exec = ""
+        self._worker: threading.Thread | None = None
+        self._cell = 0
+        self.stdout = _Capture(self, pb.STREAM_STDOUT)
+        self.stderr = _Capture(self, pb.STREAM_STDERR)
+        self._reset_namespace()
+
+    # outgoing ------------------------------------------------------------
+
+    def send(self, message: pb.RunnerMessage) -> None:
+        self._outbox.put(message)
+
+    def _outgoing(self) -> Iterator[pb.RunnerMessage]:
+        yield pb.RunnerMessage(hello=pb.Hello(
+            token=self._token, python_version=sys.version.split()[0], pid=os.getpid(),
+            runner_version=RUNNER_VERSION))
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            yield message
+
+    # main loop -------------------------------------------------------------
+
+    def serve(self) -> None:
+        options = [
+            ("grpc.max_send_message_length", self._max_message + _ENVELOPE),
+            ("grpc.max_receive_message_length", self._max_message + _ENVELOPE),
+        ]
+        channel = grpc.insecure_channel(f"unix://{self._socket_path}", options=options)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = pb_grpc.SandboxChannelStub(channel)
+        self._worker = threading.Thread(target=self._work_loop, name="legion-exec", daemon=True)
+        self._worker.start()
+        try:
+            for message in stub.Connect(self._outgoing()):
+                kind = message.WhichOneof("kind")
+                if kind == "tool_result":
+                    self._resolve(message.tool_result)
+                elif kind == "cancel":
+                    self._cancel(message.cancel.exec_id)
+                elif kind in ("execute", "define_tools"):
+                    self._work.put(message)
+        except grpc.RpcError:
+            pass  # the controller closed the stream: the sandbox is being torn down
+        finally:
+            self._outbox.put(None)
+
+    def _resolve(self, result: pb.ToolResult) -> None:
+        with self._lock:
+            pending = self._pending.pop(result.call_id, None)
+        if pending is not None:
+            pending.result = result
+            pending.event.set()
+
+    def _cancel(self, exec_id: str) -> None:
+        with self._lock:
+            if exec_id != self._current_exec or self._worker is None:
+                return
+            waiting = [k for k, p in self._pending.items() if p.exec_id == exec_id]
+            for call_id in waiting:
+                pending = self._pending.pop(call_id)
+                pending.event.set()  # result None: the waiter raises ExecutionCancelled
+            ident = self._worker.ident
+        if ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(ExecutionCancelled))
+
+    # execution ---------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while True:
+            message = self._work.get()
+            try:
+                if message.WhichOneof("kind") == "define_tools":
+                    self._define_tools(message.define_tools)
+                else:
+                    self._execute(message.execute)
+            except ExecutionCancelled:
+                pass  # a Cancel that arrived just as the execution ended
+
+    def _reset_namespace(self) -> None:
+        self._namespace = {"__name__": "__main__", "__builtins__": builtins}
+        self._namespace.update(_CATEGORIES)
+        self._namespace.update(self._tools)
+
+    def _define_tools(self, message: pb.DefineTools) -> None:
+        tools: dict[str, Any] = {}
+        for spec in message.tools:
+            if spec.is_function:
+                tools[spec.name] = _make_function(
+                    self, spec.name, pb.FunctionSpec(name="", signature=spec.functions[0].signature
+                                                     if spec.functions else "()", doc=spec.doc))
+                continue
+            stub = ToolStub(spec.name, spec.doc)
+            for fn in spec.functions:
+                setattr(stub, fn.name, _make_function(self, spec.name, fn))
+            tools[spec.name] = stub
+        self._tools = tools
+        self._namespace.update(tools)
+
+    def _execute(self, request: pb.Execute) -> None:
+        if request.reset_namespace:
+            self._reset_namespace()
+        limit = max(0, request.output_limit_bytes)
+        self.stdout.start(request.exec_id, limit)
+        self.stderr.start(request.exec_id, limit)
+        result = pb.ExecuteResult(exec_id=request.exec_id)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        with self._lock:
+            self._current_exec = request.exec_id
+        try:
+            try:
+                has_value, value = self._run_code(request.code)
+                if has_value:
+                    result.has_value = True
+                    result.value.CopyFrom(self._encode_result(value))
+            except ExecutionCancelled:
+                result.cancelled = True
+                result.error.CopyFrom(pb.ExecError(
+                    type="Cancelled", message="execution was cancelled by the controller"))
+            except BaseException as exc:  # SystemExit too: sandbox code must not end the runner
+                result.error.CopyFrom(pb.ExecError(
+                    type=type(exc).__name__, message=_message_of(exc),
+                    traceback=_strip_runner_frames(exc)))
+            with self._lock:
+                self._current_exec = ""
+        except ExecutionCancelled:  # delivered between the code's end and the line above
+            result.cancelled = True
+            with self._lock:
+                self._current_exec = ""
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result.stats.cpu_user_seconds = after.ru_utime - before.ru_utime
+        result.stats.cpu_system_seconds = after.ru_stime - before.ru_stime
+        result.stats.max_rss_bytes = after.ru_maxrss * 1024
+        result.stdout_dropped_bytes = self.stdout.finish()
+        result.stderr_dropped_bytes = self.stderr.finish()
+        self.send(pb.RunnerMessage(execute_result=result))
+
+    def _run_code(self, code: str) -> tuple[bool, Any]:
+        self._cell += 1
+        filename = f"<cell {self._cell}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename, "exec")
+        tail: ast.Expression | None = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            tail = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), self._namespace)
+        if tail is None:
+            return False, None
+        return True, eval(compile(tail, filename, "eval"), self._namespace)
+
+    def _encode_result(self, value: Any) -> pb.Value:
+        encoded = encode_value(value)
+        text = encoded.json or encoded.repr
+        if _size(text) > self._max_message - _ENVELOPE:
+            raise MessageTooLarge(
+                f"the value of the last expression is {_size(text)} bytes as "
+                f"{encoded.WhichOneof('kind')}; a result may be at most "
+                f"{self._max_message - _ENVELOPE} bytes. Return a smaller value (a summary, a "
+                f"slice) or print the parts you need.")
+        return encoded
+
+    # tool calls ----------------------------------------------------------------
+
+    def call_tool(self, tool: str, function: str, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Any:
+        name = f"{tool}.{function}" if function else tool
+        exec_id = self._current_exec
+        if not exec_id:
+            raise RuntimeError(f"{name}: tools can only be called while sandbox code is running")
+        try:
+            args_json, kwargs_json = to_json(list(args)), to_json(kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ToolArgumentError(
+                f"{name}: arguments must be JSON values (str, int, float, bool, None, list, "
+                f"dict): {exc}", tool=tool, function=function) from None
+        size = _size(args_json) + _size(kwargs_json)
+        if size > self._max_message - _ENVELOPE:
+            raise MessageTooLarge(
+                f"{name}: arguments are {size} bytes; a tool call may carry at most "
+                f"{self._max_message - _ENVELOPE} bytes", tool=tool, function=function)
+        call_id = uuid.uuid4().hex
+        pending = _PendingCall(exec_id)
+        with self._lock:
+            self._pending[call_id] = pending
+        self.send(pb.RunnerMessage(tool_call=pb.ToolCall(
+            call_id=call_id, exec_id=exec_id, tool=tool, function=function,
+            args_json=args_json, kwargs_json=kwargs_json)))
+        pending.event.wait()
+        result = pending.result
+        if result is None:
+            raise ExecutionCancelled()
+        if result.WhichOneof("outcome") == "error":
+            cls = tool_error_class(result.error.type)
+            raise cls(result.error.message, tool=tool, function=function)
+        if result.value.WhichOneof("kind") == "repr":
+            return HostRepr(result.value.repr)
+        return json.loads(result.value.json) if result.value.json else None
+
+
+def _message_of(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__}; str() raised>"
+
+
+def main() -> None:
+    socket_path = os.environ.get("LEGION_SOCKET", "/run/legion/legion.sock")
+    token = os.environ.pop("LEGION_TOKEN", "")
+    max_message = int(os.environ.get("LEGION_MAX_MESSAGE_BYTES", _DEFAULT_MAX_MESSAGE))
+    if not token:
+        print("legion_runner: LEGION_TOKEN is not set", file=sys.__stderr__)
+        sys.exit(2)
+    runner = Runner(socket_path, token, max_message=max_message)
+    sys.stdout = runner.stdout  # type: ignore[assignment]
+    sys.stderr = runner.stderr  # type: ignore[assignment]
+    runner.serve()
+    # The stream is gone; daemon threads (sandbox code) must not keep us alive.
+    os._exit(0)
