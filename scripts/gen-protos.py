@@ -40,8 +40,14 @@ def generate() -> dict[Path, str]:
     with tempfile.TemporaryDirectory() as tmp:
         protos = [p for p in TARGETS if (PROTO_ROOT / p).exists()]
         cmd = [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
-            f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos,
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *protos,
         ]
         subprocess.run(cmd, check=True)
         for proto in protos:

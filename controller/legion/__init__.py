@@ -24,9 +24,9 @@ import os as _os
 # user's own setting wins.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from . import vault  # noqa: E402
-from .config import SandboxLimits  # noqa: E402
-from .errors import (  # noqa: E402
+from . import vault
+from .config import SandboxLimits
+from .errors import (
     BackendError,
     DockerUnavailable,
     ImageNotFound,
@@ -39,7 +39,7 @@ from .errors import (  # noqa: E402
     UsageError,
     VaultKeyError,
 )
-from .sandbox import (  # noqa: E402
+from .sandbox import (
     ExecError,
     ExecResult,
     ResourceStats,

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     image = commands.add_parser("image", help="the sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True)
     build = image_commands.add_parser(
-        "build", help="build the sandbox image (skipped when this runner's image exists)")
+        "build", help="build the sandbox image (skipped when this runner's image exists)"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
     build.set_defaults(func=_image_build)
     name = image_commands.add_parser("name", help="print the tag this runner's image has")

@@ -63,26 +63,45 @@ class SandboxLimits:
     calls beyond it fail with ``ToolRateLimited`` inside the sandbox."""
 
     def __post_init__(self) -> None:
-        positive = ("memory_mb", "cpus", "pids", "timeout_seconds", "tmpfs_mb", "shm_mb",
-                    "output_limit_bytes", "max_message_bytes", "nofile", "fsize_mb",
-                    "start_timeout_seconds", "tool_timeout_seconds",
-                    "max_concurrent_tool_calls", "tool_calls_per_second")
+        positive = (
+            "memory_mb",
+            "cpus",
+            "pids",
+            "timeout_seconds",
+            "tmpfs_mb",
+            "shm_mb",
+            "output_limit_bytes",
+            "max_message_bytes",
+            "nofile",
+            "fsize_mb",
+            "start_timeout_seconds",
+            "tool_timeout_seconds",
+            "max_concurrent_tool_calls",
+            "tool_calls_per_second",
+        )
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise UsageError(f"SandboxLimits.{name} must be a positive number, got {value!r}")
         if self.kill_grace_seconds < 0:
             raise UsageError("SandboxLimits.kill_grace_seconds must be >= 0")
         if self.memory_mb < 16:
-            raise UsageError(f"SandboxLimits.memory_mb={self.memory_mb} is too small for Python "
-                             "and the runner to start; use at least 16")
+            raise UsageError(
+                f"SandboxLimits.memory_mb={self.memory_mb} is too small for Python "
+                "and the runner to start; use at least 16"
+            )
         if self.max_message_bytes < 64 * 1024:
             raise UsageError("SandboxLimits.max_message_bytes must be at least 65536")
         uid = self.user.split(":", 1)[0]
         if uid in ("0", "root", ""):
-            raise UsageError("SandboxLimits.user must not be root; use an unprivileged uid:gid "
-                             "such as the default '65534:65534'")
+            raise UsageError(
+                "SandboxLimits.user must not be root; use an unprivileged uid:gid "
+                "such as the default '65534:65534'"
+            )
         if self.seccomp_profile is not None and not Path(self.seccomp_profile).is_file():
             raise UsageError(f"SandboxLimits.seccomp_profile: no file at {self.seccomp_profile}")
 

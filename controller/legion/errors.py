@@ -70,8 +70,9 @@ class SandboxCrashed(SandboxError):
     """The container died while running code. Its bindings are lost; the next
     ``run`` on the same :class:`legion.Sandbox` gets a fresh container."""
 
-    def __init__(self, message: str, *, exit_code: int | None = None, stdout: str = "",
-                 stderr: str = "") -> None:
+    def __init__(
+        self, message: str, *, exit_code: int | None = None, stdout: str = "", stderr: str = ""
+    ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.stdout = stdout

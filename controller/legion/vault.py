@@ -44,8 +44,10 @@ def require(key: str) -> Any:
     """The value bound to ``key``; raises :class:`legion.VaultKeyError` when unbound."""
     value = _values.get().get(key, _MISSING)
     if value is _MISSING:
-        raise VaultKeyError(f"vault key {key!r} is not bound; bind it around the run, e.g. "
-                            f"`with legion.vault.bind({key}=...)` or `Sandbox(vault={{...}})`")
+        raise VaultKeyError(
+            f"vault key {key!r} is not bound; bind it around the run, e.g. "
+            f"`with legion.vault.bind({key}=...)` or `Sandbox(vault={{...}})`"
+        )
     return value
 
 
@@ -58,3 +60,9 @@ def bind(values: Mapping[str, Any] | None = None, /, **more: Any) -> Iterator[Ma
         yield merged
     finally:
         _values.reset(token)
+
+
+def _overlay(values: Mapping[str, Any]) -> None:
+    """Set ``values`` over the current ones in this context (no reset: for a
+    context copy made to serve one run)."""
+    _values.set(MappingProxyType({**_values.get(), **values}))

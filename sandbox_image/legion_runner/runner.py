@@ -85,8 +85,8 @@ class ExecutionCancelled(BaseException):
 
 
 _CATEGORIES: dict[str, type[ToolError]] = {
-    cls.__name__: cls for cls in (ToolError, ToolNotAllowed, ToolArgumentError, ToolTimeout,
-                                  MessageTooLarge)
+    cls.__name__: cls
+    for cls in (ToolError, ToolNotAllowed, ToolArgumentError, ToolTimeout, MessageTooLarge)
 }
 _error_classes: dict[str, type[ToolError]] = dict(_CATEGORIES)
 
@@ -167,7 +167,7 @@ class _Capture:
     """Replaces sys.stdout/sys.stderr. Keeps at most the current execution's
     limit of bytes, sends them in chunks, and counts what it drops."""
 
-    def __init__(self, runner: Runner, stream: int) -> None:
+    def __init__(self, runner: Runner, stream: pb.Stream) -> None:
         self._runner = runner
         self._stream = stream
         self._lock = threading.Lock()
@@ -229,8 +229,15 @@ class _Capture:
         data = b"".join(self._buf)
         self._buf, self._buffered = [], 0
         for start in range(0, len(data), _OUTPUT_CHUNK):
-            self._runner.send(pb.RunnerMessage(output=pb.Output(
-                exec_id=self.exec_id, stream=self._stream, data=data[start:start + _OUTPUT_CHUNK])))
+            self._runner.send(
+                pb.RunnerMessage(
+                    output=pb.Output(
+                        exec_id=self.exec_id,
+                        stream=self._stream,
+                        data=data[start : start + _OUTPUT_CHUNK],
+                    )
+                )
+            )
 
     def isatty(self) -> bool:
         return False
@@ -283,7 +290,8 @@ def _strip_runner_frames(exc: BaseException) -> str:
     te = traceback.TracebackException.from_exception(exc, capture_locals=False)
     for part in _chain(te):
         part.stack = traceback.StackSummary.from_list(
-            [f for f in part.stack if not f.filename.startswith(_RUNNER_DIR)])
+            [f for f in part.stack if not f.filename.startswith(_RUNNER_DIR)]
+        )
     return "".join(te.format())
 
 
@@ -320,9 +328,14 @@ class Runner:
         self._outbox.put(message)
 
     def _outgoing(self) -> Iterator[pb.RunnerMessage]:
-        yield pb.RunnerMessage(hello=pb.Hello(
-            token=self._token, python_version=sys.version.split()[0], pid=os.getpid(),
-            runner_version=RUNNER_VERSION))
+        yield pb.RunnerMessage(
+            hello=pb.Hello(
+                token=self._token,
+                python_version=sys.version.split()[0],
+                pid=os.getpid(),
+                runner_version=RUNNER_VERSION,
+            )
+        )
         while True:
             message = self._outbox.get()
             if message is None:
@@ -338,7 +351,7 @@ class Runner:
         ]
         channel = grpc.insecure_channel(f"unix://{self._socket_path}", options=options)
         grpc.channel_ready_future(channel).result(timeout=10)
-        stub = pb_grpc.SandboxChannelStub(channel)
+        stub = pb_grpc.SandboxChannelStub(channel)  # type: ignore[no-untyped-call]
         self._worker = threading.Thread(target=self._work_loop, name="legion-exec", daemon=True)
         self._worker.start()
         try:
@@ -373,7 +386,8 @@ class Runner:
             ident = self._worker.ident
         if ident is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(ident), ctypes.py_object(ExecutionCancelled))
+                ctypes.c_ulong(ident), ctypes.py_object(ExecutionCancelled)
+            )
 
     # execution ---------------------------------------------------------------
 
@@ -398,8 +412,14 @@ class Runner:
         for spec in message.tools:
             if spec.is_function:
                 tools[spec.name] = _make_function(
-                    self, spec.name, pb.FunctionSpec(name="", signature=spec.functions[0].signature
-                                                     if spec.functions else "()", doc=spec.doc))
+                    self,
+                    spec.name,
+                    pb.FunctionSpec(
+                        name="",
+                        signature=spec.functions[0].signature if spec.functions else "()",
+                        doc=spec.doc,
+                    ),
+                )
                 continue
             stub = ToolStub(spec.name, spec.doc)
             for fn in spec.functions:
@@ -426,12 +446,19 @@ class Runner:
                     result.value.CopyFrom(self._encode_result(value))
             except ExecutionCancelled:
                 result.cancelled = True
-                result.error.CopyFrom(pb.ExecError(
-                    type="Cancelled", message="execution was cancelled by the controller"))
+                result.error.CopyFrom(
+                    pb.ExecError(
+                        type="Cancelled", message="execution was cancelled by the controller"
+                    )
+                )
             except BaseException as exc:  # SystemExit too: sandbox code must not end the runner
-                result.error.CopyFrom(pb.ExecError(
-                    type=type(exc).__name__, message=_message_of(exc),
-                    traceback=_strip_runner_frames(exc)))
+                result.error.CopyFrom(
+                    pb.ExecError(
+                        type=type(exc).__name__,
+                        message=_message_of(exc),
+                        traceback=_strip_runner_frames(exc),
+                    )
+                )
             with self._lock:
                 self._current_exec = ""
         except ExecutionCancelled:  # delivered between the code's end and the line above
@@ -452,8 +479,10 @@ class Runner:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         tree = ast.parse(code, filename, "exec")
         tail: ast.Expression | None = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            tail = ast.Expression(tree.body.pop().value)
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr):
+            tree.body.pop()
+            tail = ast.Expression(last.value)
         exec(compile(tree, filename, "exec"), self._namespace)
         if tail is None:
             return False, None
@@ -467,13 +496,15 @@ class Runner:
                 f"the value of the last expression is {_size(text)} bytes as "
                 f"{encoded.WhichOneof('kind')}; a result may be at most "
                 f"{self._max_message - _ENVELOPE} bytes. Return a smaller value (a summary, a "
-                f"slice) or print the parts you need.")
+                f"slice) or print the parts you need."
+            )
         return encoded
 
     # tool calls ----------------------------------------------------------------
 
-    def call_tool(self, tool: str, function: str, args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> Any:
+    def call_tool(
+        self, tool: str, function: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         name = f"{tool}.{function}" if function else tool
         exec_id = self._current_exec
         if not exec_id:
@@ -483,19 +514,34 @@ class Runner:
         except (TypeError, ValueError) as exc:
             raise ToolArgumentError(
                 f"{name}: arguments must be JSON values (str, int, float, bool, None, list, "
-                f"dict): {exc}", tool=tool, function=function) from None
+                f"dict): {exc}",
+                tool=tool,
+                function=function,
+            ) from None
         size = _size(args_json) + _size(kwargs_json)
         if size > self._max_message - _ENVELOPE:
             raise MessageTooLarge(
                 f"{name}: arguments are {size} bytes; a tool call may carry at most "
-                f"{self._max_message - _ENVELOPE} bytes", tool=tool, function=function)
+                f"{self._max_message - _ENVELOPE} bytes",
+                tool=tool,
+                function=function,
+            )
         call_id = uuid.uuid4().hex
         pending = _PendingCall(exec_id)
         with self._lock:
             self._pending[call_id] = pending
-        self.send(pb.RunnerMessage(tool_call=pb.ToolCall(
-            call_id=call_id, exec_id=exec_id, tool=tool, function=function,
-            args_json=args_json, kwargs_json=kwargs_json)))
+        self.send(
+            pb.RunnerMessage(
+                tool_call=pb.ToolCall(
+                    call_id=call_id,
+                    exec_id=exec_id,
+                    tool=tool,
+                    function=function,
+                    args_json=args_json,
+                    kwargs_json=kwargs_json,
+                )
+            )
+        )
         pending.event.wait()
         result = pending.result
         if result is None:
@@ -523,8 +569,8 @@ def main() -> None:
         print("legion_runner: LEGION_TOKEN is not set", file=sys.__stderr__)
         sys.exit(2)
     runner = Runner(socket_path, token, max_message=max_message)
-    sys.stdout = runner.stdout  # type: ignore[assignment]
-    sys.stderr = runner.stderr  # type: ignore[assignment]
+    sys.stdout = runner.stdout
+    sys.stderr = runner.stderr
     runner.serve()
     # The stream is gone; daemon threads (sandbox code) must not keep us alive.
     os._exit(0)

@@ -1,5 +1,6 @@
 """Sandboxes: network-less containers that run Python and call host tools over gRPC."""
 
+from . import image
 from .runtime import SandboxRuntime, default_runtime
 from .session import ExecError, ExecResult, ResourceStats, Sandbox
 from .tools import ToolDef, tool_from
@@ -12,5 +13,6 @@ __all__ = [
     "SandboxRuntime",
     "ToolDef",
     "default_runtime",
+    "image",
     "tool_from",
 ]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from .._log import get_logger
 
+from .._log import get_logger
 from .._proto import sandbox_pb2 as pb
 from .._proto import sandbox_pb2_grpc as pb_grpc
 
@@ -103,8 +103,9 @@ class _Servicer(pb_grpc.SandboxChannelServicer):
     def __init__(self, server: ChannelServer) -> None:
         self._server = server
 
-    async def Connect(  # noqa: N802 - the gRPC method name
-        self, request_iterator: AsyncIterator[pb.RunnerMessage],
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[pb.RunnerMessage],
         context: grpc.aio.ServicerContext,
     ) -> None:
         try:
@@ -117,6 +118,7 @@ class _Servicer(pb_grpc.SandboxChannelServicer):
         if waiter is None or waiter.done():
             log.warning("sandbox_hello_refused", reason="unknown or already used token")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or already used token")
+            return
         connection = Connection(first.hello, context)
         waiter.set_result(connection)
         await connection.serve()
@@ -133,12 +135,14 @@ class ChannelServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self._max_message),
-            ("grpc.max_send_message_length", self._max_message),
-            ("grpc.so_reuseport", 0),
-        ])
-        pb_grpc.add_SandboxChannelServicer_to_server(_Servicer(self), self._server)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self._max_message),
+                ("grpc.max_send_message_length", self._max_message),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_SandboxChannelServicer_to_server(_Servicer(self), self._server)  # type: ignore[no-untyped-call]
         self._server.add_insecure_port(f"unix://{self.socket_path}")
         await self._server.start()
         # The container user is unprivileged and not the socket's owner. The

@@ -6,6 +6,7 @@ Docker errors are translated into :mod:`legion.errors` here, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -16,9 +17,9 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-from .._log import get_logger
 from docker.types import Ulimit
 
+from .._log import get_logger
 from ..config import MiB, SandboxLimits
 from ..errors import BackendError, DockerUnavailable, ImageNotFound
 
@@ -73,8 +74,10 @@ def _translate(exc: Exception, what: str) -> Exception:
     if isinstance(exc, docker.errors.APIError):
         return BackendError(f"{what}: Docker said: {exc.explanation or exc}")
     if isinstance(exc, (docker.errors.DockerException, ConnectionError, OSError)):
-        return DockerUnavailable(f"{what}: no Docker engine answers ({exc}). Start one "
-                                 f"(`make docker` or scripts/ensure-docker) and try again.")
+        return DockerUnavailable(
+            f"{what}: no Docker engine answers ({exc}). Start one "
+            f"(`make docker` or scripts/ensure-docker) and try again."
+        )
     return exc
 
 
@@ -107,16 +110,18 @@ class DockerBackend:
 
     async def check(self) -> None:
         """Raise DockerUnavailable / ImageNotFound (with the fix) when not ready."""
-        await self._call("pinging Docker", lambda: self.client.ping())
+        await self._call("pinging Docker", self.client.ping)
         try:
             await self._call("looking up the sandbox image", self.client.images.get, self.image)
         except ImageNotFound:
             raise ImageNotFound(
                 f"the sandbox image {self.image} is not built. Run `make image` in a checkout, "
-                f"or `legion image build`.") from None
+                f"or `legion image build`."
+            ) from None
 
-    def container_config(self, limits: SandboxLimits, *, token: str, socket_dir: Path,
-                         name: str) -> dict[str, Any]:
+    def container_config(
+        self, limits: SandboxLimits, *, token: str, socket_dir: Path, name: str
+    ) -> dict[str, Any]:
         security_opt = ["no-new-privileges:true"]
         if limits.seccomp_profile is not None:
             security_opt.append(f"seccomp={Path(limits.seccomp_profile).read_text()}")
@@ -160,6 +165,7 @@ class DockerBackend:
 
     async def start(self, config: dict[str, Any]) -> str:
         """Create and start a container; return its id."""
+
         def create_and_start() -> str:
             container = self.client.containers.create(**config)
             try:
@@ -168,21 +174,25 @@ class DockerBackend:
                 container.remove(force=True)
                 raise
             return str(container.id)
+
         return await self._call("starting a sandbox container", create_and_start)
 
     async def state(self, container_id: str) -> ContainerState | None:
         """The container's state, or None when it no longer exists."""
         try:
-            attrs = await self._call("inspecting a sandbox container",
-                                     self.client.api.inspect_container, container_id)
+            attrs = await self._call(
+                "inspecting a sandbox container", self.client.api.inspect_container, container_id
+            )
         except BackendError:
             return None
         state = attrs.get("State", {})
         running = bool(state.get("Running"))
-        return ContainerState(running=running,
-                              exit_code=None if running else state.get("ExitCode"),
-                              oom_killed=bool(state.get("OOMKilled")),
-                              error=state.get("Error", ""))
+        return ContainerState(
+            running=running,
+            exit_code=None if running else state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error", ""),
+        )
 
     async def wait_stopped(self, container_id: str, timeout: float = 5.0) -> ContainerState | None:
         deadline = time.monotonic() + timeout
@@ -194,6 +204,7 @@ class DockerBackend:
 
     async def remove(self, container_id: str) -> None:
         """Kill (SIGKILL) and remove; a container already gone is fine."""
+
         def remove() -> None:
             try:
                 self.client.api.remove_container(container_id, force=True)
@@ -202,6 +213,7 @@ class DockerBackend:
             except docker.errors.APIError as exc:
                 if "already in progress" not in str(exc):
                     raise
+
         await self._call("removing a sandbox container", remove)
 
     def list_ids(self, *, runtime_only: bool = True) -> list[str]:
@@ -210,6 +222,7 @@ class DockerBackend:
 
     async def reap_orphans(self) -> int:
         """Remove containers whose controller process is gone. Returns how many."""
+
         def reap() -> int:
             removed = 0
             for c in self.client.api.containers(all=True, filters={"label": LABEL}):
@@ -222,6 +235,7 @@ class DockerBackend:
                 except docker.errors.NotFound:
                     pass
             return removed
+
         removed = await self._call("removing orphaned sandbox containers", reap)
         if removed:
             log.info("sandbox_orphans_removed", count=removed)
@@ -230,7 +244,5 @@ class DockerBackend:
     def remove_all_sync(self) -> None:
         """Remove every container of this runtime, without an event loop (atexit)."""
         for container_id in self.list_ids():
-            try:
+            with contextlib.suppress(docker.errors.DockerException):
                 self.client.api.remove_container(container_id, force=True)
-            except docker.errors.DockerException:
-                pass

@@ -35,8 +35,10 @@ def _first_existing(*candidates: Path) -> Path:
     for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise UsageError(f"this installation of legion is missing {candidates[-1].name}; "
-                     "reinstall it, or run from a source checkout")
+    raise UsageError(
+        f"this installation of legion is missing {candidates[-1].name}; "
+        "reinstall it, or run from a source checkout"
+    )
 
 
 def source_dir() -> Path:
@@ -52,7 +54,8 @@ def _script(name: str) -> Path:
 
 def _image_files(src: Path) -> list[Path]:
     files = [src / "Dockerfile", src / "requirements.txt"]
-    files += sorted(p for p in (src / "legion_runner").rglob("*.py") if "__pycache__" not in p.parts)
+    runner = (src / "legion_runner").rglob("*.py")
+    files += sorted(p for p in runner if "__pycache__" not in p.parts)
     return files
 
 
@@ -77,8 +80,10 @@ def _client() -> Any:
         client = docker.from_env(timeout=300)
         client.ping()
     except Exception as exc:
-        raise DockerUnavailable(f"no Docker engine answers ({exc}). Start one (`make docker` "
-                                "or scripts/ensure-docker), then retry.") from exc
+        raise DockerUnavailable(
+            f"no Docker engine answers ({exc}). Start one (`make docker` "
+            "or scripts/ensure-docker), then retry."
+        ) from exc
     return client
 
 
@@ -110,8 +115,10 @@ def choose_base(client: Any, progress: Progress = _say) -> str:
         progress(f"base image: {SLIM_BASE} (pulled)")
         return SLIM_BASE
     except Exception as exc:
-        progress(f"no registry answered ({str(exc).splitlines()[0][:120]}); building a local "
-                 f"Debian base {LOCAL_BASE} with debootstrap instead")
+        progress(
+            f"no registry answered ({str(exc).splitlines()[0][:120]}); building a local "
+            f"Debian base {LOCAL_BASE} with debootstrap instead"
+        )
     result = subprocess.run([str(_script("build-base-image")), LOCAL_BASE], check=False)
     if result.returncode != 0:
         raise BackendError(f"building the local base image {LOCAL_BASE} failed (see above)")
@@ -122,12 +129,38 @@ def _download_wheels(requirements: Path, dest: Path, progress: Progress) -> None
     machine = platform.machine().lower()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     progress("downloading the runner's wheels on the host (the build runs offline)...")
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-           "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-           "--abi", "cp311", "--abi", "abi3", "--abi", "none",
-           "--platform", f"manylinux_2_28_{arch}", "--platform", f"manylinux_2_17_{arch}",
-           "--platform", f"manylinux2014_{arch}", "--platform", "any",
-           "-d", str(dest), "-r", str(requirements), "pip"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "--platform",
+        f"manylinux_2_28_{arch}",
+        "--platform",
+        f"manylinux_2_17_{arch}",
+        "--platform",
+        f"manylinux2014_{arch}",
+        "--platform",
+        "any",
+        "-d",
+        str(dest),
+        "-r",
+        str(requirements),
+        "pip",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BackendError(f"pip download of the runner's wheels failed:\n{result.stderr[-2000:]}")
@@ -151,9 +184,15 @@ def build(*, force: bool = False, progress: Progress = _say) -> str:
         _download_wheels(src / "requirements.txt", wheels, progress)
         progress(f"building {tag} from {base}...")
         tail: list[str] = []
-        for chunk in client.api.build(path=str(ctx), tag=tag, buildargs={"BASE_IMAGE": base},
-                                      rm=True, forcerm=True, decode=True,
-                                      labels={"legion.image": "sandbox"}):
+        for chunk in client.api.build(
+            path=str(ctx),
+            tag=tag,
+            buildargs={"BASE_IMAGE": base},
+            rm=True,
+            forcerm=True,
+            decode=True,
+            labels={"legion.image": "sandbox"},
+        ):
             if "error" in chunk:
                 output = "\n".join(tail[-25:])
                 raise BackendError(f"docker build failed: {chunk['error'].strip()}\n{output}")

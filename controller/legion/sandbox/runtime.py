@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from .._log import get_logger
-
 from ..config import SandboxLimits
 from ..errors import SandboxError, SandboxStartError, UsageError
 from . import image as _image
@@ -71,9 +70,15 @@ class SandboxRuntime:
     limits are started cold.
     """
 
-    def __init__(self, *, limits: SandboxLimits | None = None, pool_size: int | None = None,
-                 image: str | None = None, socket_dir: Path | None = None,
-                 docker_client: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        limits: SandboxLimits | None = None,
+        pool_size: int | None = None,
+        image: str | None = None,
+        socket_dir: Path | None = None,
+        docker_client: Any = None,
+    ) -> None:
         self.limits = limits or SandboxLimits()
         self.pool_size = _env_pool_size() if pool_size is None else pool_size
         if self.pool_size < 0:
@@ -90,6 +95,7 @@ class SandboxRuntime:
         self._refill_wanted = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
+        self._pool_starts: set[asyncio.Task[None]] = set()
         self._containers: set[str] = set()
         self._names = itertools.count(1)
         self._state = "new"
@@ -107,15 +113,20 @@ class SandboxRuntime:
             await self.backend.reap_orphans()
             self._dir = Path(tempfile.mkdtemp(prefix="legion-", dir=self._socket_parent))
             self._dir.chmod(0o755)  # the container's unprivileged user must reach the socket
-            self._channel = ChannelServer(self._dir,
-                                          max_message_bytes=self.limits.max_message_bytes)
+            self._channel = ChannelServer(
+                self._dir, max_message_bytes=self.limits.max_message_bytes
+            )
             await self._channel.start()
             _live_runtimes.add(self)
             self._state = "started"
             if self.pool_size:
                 self._refill_task = asyncio.create_task(self._refill(), name="legion-pool")
-            log.debug("sandbox_runtime_started", runtime=self.id, image=self.image,
-                      pool_size=self.pool_size)
+            log.debug(
+                "sandbox_runtime_started",
+                runtime=self.id,
+                image=self.image,
+                pool_size=self.pool_size,
+            )
             return self
 
     async def aclose(self) -> None:
@@ -128,6 +139,9 @@ class SandboxRuntime:
             self._refill_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill_task
+        # Starts in flight finish and see the runtime closing: they release
+        # what they started (a container being created cannot be cancelled).
+        await asyncio.gather(*list(self._pool_starts), return_exceptions=True)
         while self._ready:
             self.release(self._ready.popleft())
         for container_id in list(self._containers):
@@ -189,17 +203,21 @@ class SandboxRuntime:
         return task
 
     async def _start_container(self, limits: SandboxLimits) -> Lease:
-        assert self._channel is not None and self._dir is not None
+        if self._channel is None or self._dir is None:
+            raise SandboxError("the runtime is not started")
         token = secrets.token_urlsafe(32)
         hello = self._channel.expect(token)
         name = f"legion-{self.id[:8]}-{next(self._names)}"
-        config = self.backend.container_config(limits, token=token, socket_dir=self._dir,
-                                               name=name)
+        config = self.backend.container_config(limits, token=token, socket_dir=self._dir, name=name)
         begun = time.perf_counter()
+        # Creating runs in a thread that a cancelled caller cannot stop: shield
+        # it, and remove what it created if the caller has gone.
+        creating = asyncio.ensure_future(self.backend.start(config))
         try:
-            container_id = await self.backend.start(config)
+            container_id = await asyncio.shield(creating)
         except BaseException:
             self._channel.forget(token)
+            creating.add_done_callback(self._remove_if_created)
             raise
         self._containers.add(container_id)
         try:
@@ -208,12 +226,21 @@ class SandboxRuntime:
             self._channel.forget(token)
             self._remove(container_id)
             raise
-        log.debug("sandbox_started", container=container_id[:12],
-                  ms=round((time.perf_counter() - begun) * 1000, 1))
+        log.debug(
+            "sandbox_started",
+            container=container_id[:12],
+            ms=round((time.perf_counter() - begun) * 1000, 1),
+        )
         return Lease(container_id, connection, limits, time.monotonic())
 
-    async def _await_hello(self, container_id: str, hello: asyncio.Future[Connection],
-                           limits: SandboxLimits) -> Connection:
+    def _remove_if_created(self, creating: asyncio.Future[str]) -> None:
+        if not creating.cancelled() and creating.exception() is None:
+            self._containers.add(creating.result())
+            self._remove(creating.result())
+
+    async def _await_hello(
+        self, container_id: str, hello: asyncio.Future[Connection], limits: SandboxLimits
+    ) -> Connection:
         deadline = time.monotonic() + limits.start_timeout_seconds
         while True:
             try:
@@ -227,11 +254,13 @@ class SandboxRuntime:
                     f"the sandbox container exited (code {code}) before its runner connected. "
                     f"Check that the image {self.image} is a Legion sandbox image "
                     f"(`legion image build`) and that the limits leave room to start "
-                    f"(memory_mb={limits.memory_mb}, pids={limits.pids}).")
+                    f"(memory_mb={limits.memory_mb}, pids={limits.pids})."
+                )
             if time.monotonic() > deadline:
                 raise SandboxStartError(
                     f"the sandbox runner did not connect within {limits.start_timeout_seconds:g}"
-                    f" s; the machine may be overloaded (raise start_timeout_seconds)")
+                    f" s; the machine may be overloaded (raise start_timeout_seconds)"
+                )
 
     # the warm pool -----------------------------------------------------------
 
@@ -240,7 +269,9 @@ class SandboxRuntime:
             missing = self.pool_size - len(self._ready) - self._starting
             for _ in range(max(0, min(missing, 2 - self._starting))):
                 self._starting += 1
-                asyncio.create_task(self._start_for_pool())
+                task = asyncio.create_task(self._start_for_pool())
+                self._pool_starts.add(task)
+                task.add_done_callback(self._pool_starts.discard)
             self._refill_wanted.clear()
             await self._refill_wanted.wait()
 
@@ -249,8 +280,9 @@ class SandboxRuntime:
             lease = await self._start_container(self.limits)
         except Exception as exc:
             self._failures += 1
-            log.warning("sandbox_pool_start_failed", error=str(exc), failures=self._failures)
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
+            if self._state == "started":
+                log.warning("sandbox_pool_start_failed", error=str(exc), failures=self._failures)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
         else:
             self._failures = 0
             if self._state == "started":
@@ -266,7 +298,8 @@ class SandboxRuntime:
 
 _live_runtimes: weakref.WeakSet[SandboxRuntime] = weakref.WeakSet()
 _defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SandboxRuntime] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 async def default_runtime() -> SandboxRuntime:

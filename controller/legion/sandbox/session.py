@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._log import get_logger
-
-from .._proto import sandbox_pb2 as pb
 from .. import vault as _vault
+from .._log import get_logger
+from .._proto import sandbox_pb2 as pb
 from ..config import SandboxLimits
 from ..errors import SandboxClosed, SandboxCrashed, SandboxOOMKilled
 from . import _codec
@@ -85,7 +86,7 @@ class _Execution:
         self.dropped = {pb.STREAM_STDOUT: 0, pb.STREAM_STDERR: 0}
         self.started = time.perf_counter()
 
-    def add_output(self, stream: int, data: bytes) -> None:
+    def add_output(self, stream: pb.Stream, data: bytes) -> None:
         buf = self.out.get(stream)
         if buf is None:
             return
@@ -95,7 +96,7 @@ class _Execution:
             buf += data[:room]
         self.dropped[stream] += max(0, len(data) - max(room, 0))
 
-    def text(self, stream: int, runner_dropped: int = 0) -> tuple[str, bool]:
+    def text(self, stream: pb.Stream, runner_dropped: int = 0) -> tuple[str, bool]:
         text = self.out[stream].decode("utf-8", "replace")
         dropped = self.dropped[stream] + runner_dropped
         if dropped:
@@ -126,9 +127,14 @@ class Sandbox:
     :class:`legion.SandboxOOMKilled`; the next ``run`` gets a fresh container.
     """
 
-    def __init__(self, *, tools: Iterable[Any] = (), limits: SandboxLimits | None = None,
-                 vault: Mapping[str, Any] | None = None,
-                 runtime: SandboxRuntime | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tools: Iterable[Any] = (),
+        limits: SandboxLimits | None = None,
+        vault: Mapping[str, Any] | None = None,
+        runtime: SandboxRuntime | None = None,
+    ) -> None:
         self.tools: dict[str, ToolDef] = toolset(tools)
         self._limits = limits
         self._vault = dict(vault or {})
@@ -164,15 +170,20 @@ class Sandbox:
     async def _attach(self, lease: Lease) -> None:
         limits = lease.limits
         self._dispatcher = ToolDispatcher(
-            self.tools, timeout=limits.tool_timeout_seconds,
-            max_concurrent=limits.max_concurrent_tool_calls, rate=limits.tool_calls_per_second,
-            max_message=limits.max_message_bytes)
+            self.tools,
+            timeout=limits.tool_timeout_seconds,
+            max_concurrent=limits.max_concurrent_tool_calls,
+            rate=limits.tool_calls_per_second,
+            max_message=limits.max_message_bytes,
+        )
         self._lease = lease
         lease.connection.attach(self._on_message)
-        lease.connection.closed.add_done_callback(
-            lambda f, lease=lease: self._on_closed(lease, f.result()))
-        lease.connection.send(pb.ControllerMessage(define_tools=pb.DefineTools(
-            tools=[t.spec() for t in self.tools.values()])))
+        lease.connection.closed.add_done_callback(functools.partial(self._on_closed, lease))
+        lease.connection.send(
+            pb.ControllerMessage(
+                define_tools=pb.DefineTools(tools=[t.spec() for t in self.tools.values()])
+            )
+        )
 
     async def __aenter__(self) -> Sandbox:
         return await self.start()
@@ -191,8 +202,9 @@ class Sandbox:
 
     # running code ------------------------------------------------------------
 
-    async def run(self, code: str, *, timeout: float | None = None,
-                  reset: bool = False) -> ExecResult:
+    async def run(
+        self, code: str, *, timeout: float | None = None, reset: bool = False
+    ) -> ExecResult:
         """Run ``code``; return its trailing expression's value, output and error.
 
         ``timeout`` defaults to the limits' ``timeout_seconds``; ``reset=True``
@@ -212,11 +224,19 @@ class Sandbox:
             timeout = limits.timeout_seconds if timeout is None else timeout
             context = contextvars.copy_context()
             if self._vault:
-                context.run(_vault._values.set, _vault._values.get() | self._vault)
+                context.run(_vault._overlay, self._vault)
             execution = self._execution = _Execution(limits.output_limit_bytes, context)
-            lease.connection.send(pb.ControllerMessage(execute=pb.Execute(
-                exec_id=execution.exec_id, code=code, timeout_seconds=timeout,
-                output_limit_bytes=limits.output_limit_bytes, reset_namespace=reset)))
+            lease.connection.send(
+                pb.ControllerMessage(
+                    execute=pb.Execute(
+                        exec_id=execution.exec_id,
+                        code=code,
+                        timeout_seconds=timeout,
+                        output_limit_bytes=limits.output_limit_bytes,
+                        reset_namespace=reset,
+                    )
+                )
+            )
             try:
                 result = await asyncio.wait_for(asyncio.shield(execution.done), timeout)
             except TimeoutError:
@@ -235,33 +255,46 @@ class Sandbox:
         if msg.HasField("error"):
             error = ExecError(msg.error.type, msg.error.message, msg.error.traceback)
         return ExecResult(
-            value=value, value_repr=value_repr, has_value=msg.has_value, stdout=stdout,
-            stderr=stderr, error=error, duration=time.perf_counter() - execution.started,
-            stdout_truncated=out_cut, stderr_truncated=err_cut,
-            stats=ResourceStats(msg.stats.cpu_user_seconds, msg.stats.cpu_system_seconds,
-                                msg.stats.max_rss_bytes))
+            value=value,
+            value_repr=value_repr,
+            has_value=msg.has_value,
+            stdout=stdout,
+            stderr=stderr,
+            error=error,
+            duration=time.perf_counter() - execution.started,
+            stdout_truncated=out_cut,
+            stderr_truncated=err_cut,
+            stats=ResourceStats(
+                msg.stats.cpu_user_seconds, msg.stats.cpu_system_seconds, msg.stats.max_rss_bytes
+            ),
+        )
 
-    async def _timed_out(self, lease: Lease, execution: _Execution,
-                         timeout: float) -> ExecResult:
+    async def _timed_out(self, lease: Lease, execution: _Execution, timeout: float) -> ExecResult:
         # Cancel first so the runner can flush what the code printed, then kill
         # the container regardless: code that ignored the cancel, or left
         # threads running, must not outlive its time.
         lease.connection.send(pb.ControllerMessage(cancel=pb.Cancel(exec_id=execution.exec_id)))
         msg = pb.ExecuteResult()
-        try:
-            msg = await asyncio.wait_for(asyncio.shield(execution.done), lease.limits.
-                                         kill_grace_seconds)
-        except (TimeoutError, _ChannelLost):
-            pass
+        with contextlib.suppress(TimeoutError, _ChannelLost):
+            msg = await asyncio.wait_for(
+                asyncio.shield(execution.done), lease.limits.kill_grace_seconds
+            )
         await self._discard(lease)
         partial = self._result(execution, msg)
         return ExecResult(
-            stdout=partial.stdout, stderr=partial.stderr, stdout_truncated=partial.
-            stdout_truncated, stderr_truncated=partial.stderr_truncated,
-            duration=time.perf_counter() - execution.started, timed_out=True,
-            error=ExecError("TimeoutError", f"the code did not finish within {timeout:g} s and "
-                            "was stopped. The sandbox was replaced with a fresh one: variables "
-                            "from earlier runs are gone."))
+            stdout=partial.stdout,
+            stderr=partial.stderr,
+            stdout_truncated=partial.stdout_truncated,
+            stderr_truncated=partial.stderr_truncated,
+            duration=time.perf_counter() - execution.started,
+            timed_out=True,
+            error=ExecError(
+                "TimeoutError",
+                f"the code did not finish within {timeout:g} s and "
+                "was stopped. The sandbox was replaced with a fresh one: variables "
+                "from earlier runs are gone.",
+            ),
+        )
 
     async def _crashed(self, lease: Lease, execution: _Execution, reason: str) -> SandboxCrashed:
         assert self._runtime is not None
@@ -273,10 +306,18 @@ class Sandbox:
         if state is not None and state.oom_killed:
             return SandboxOOMKilled(
                 f"the sandbox used more than its {lease.limits.memory_mb} MiB memory limit and "
-                f"was killed. {fresh}", exit_code=state.exit_code, stdout=stdout, stderr=stderr)
+                f"was killed. {fresh}",
+                exit_code=state.exit_code,
+                stdout=stdout,
+                stderr=stderr,
+            )
         code = state.exit_code if state is not None else None
-        return SandboxCrashed(f"the sandbox stopped while running code (exit code {code}; "
-                              f"{reason}). {fresh}", exit_code=code, stdout=stdout, stderr=stderr)
+        return SandboxCrashed(
+            f"the sandbox stopped while running code (exit code {code}; {reason}). {fresh}",
+            exit_code=code,
+            stdout=stdout,
+            stderr=stderr,
+        )
 
     async def _discard(self, lease: Lease) -> None:
         if self._lease is lease:
@@ -305,12 +346,14 @@ class Sandbox:
             task.add_done_callback(self._calls.discard)
 
     async def _serve_call(self, call: pb.ToolCall, execution: _Execution) -> None:
-        assert self._dispatcher is not None and self._lease is not None
-        lease = self._lease
-        result = await self._dispatcher.handle(call, execution.context)
+        dispatcher, lease = self._dispatcher, self._lease
+        if dispatcher is None or lease is None:
+            return
+        result = await dispatcher.handle(call, execution.context)
         lease.connection.send(pb.ControllerMessage(tool_result=result))
 
-    def _on_closed(self, lease: Lease, reason: str) -> None:
+    def _on_closed(self, lease: Lease, closed: asyncio.Future[str]) -> None:
+        reason = closed.result()
         execution = self._execution
         if self._lease is lease and execution is not None and not execution.done.done():
             execution.done.set_exception(_ChannelLost(reason))

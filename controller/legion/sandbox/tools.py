@@ -10,6 +10,7 @@ vault, their arguments validated against the real signature by pydantic.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -34,6 +35,8 @@ class ToolFunction:
     doc: str
     call: Callable[..., Any] = field(repr=False)
     is_async: bool
+    positional: tuple[str, ...] = ()
+    """Names of the parameters that can be passed by position, in order."""
 
 
 @dataclass(frozen=True)
@@ -47,26 +50,51 @@ class ToolDef:
 
     def spec(self) -> pb.ToolSpec:
         return pb.ToolSpec(
-            name=self.name, doc=self.doc, is_function=self.is_function,
-            functions=[pb.FunctionSpec(name=f.name, signature=f.signature, doc=f.doc)
-                       for f in self.functions.values()])
+            name=self.name,
+            doc=self.doc,
+            is_function=self.is_function,
+            functions=[
+                pb.FunctionSpec(name=f.name, signature=f.signature, doc=f.doc)
+                for f in self.functions.values()
+            ],
+        )
 
 
 def _function(name: str, fn: Callable[..., Any], *, label: str) -> ToolFunction:
     try:
-        signature = str(inspect.signature(fn))
+        signature = str(inspect.signature(fn, eval_str=True))
+    except (NameError, TypeError, ValueError, SyntaxError):
+        try:
+            signature = str(inspect.signature(fn))
+        except (TypeError, ValueError):
+            signature = "(*args, **kwargs)"
+    try:
+        positional = tuple(
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
     except (TypeError, ValueError):
-        signature = "(*args, **kwargs)"
+        positional = ()
     unwrapped = inspect.unwrap(fn)
     is_async = inspect.iscoroutinefunction(unwrapped)
     try:
-        validated = pydantic.validate_call(fn, config=pydantic.ConfigDict(
-            arbitrary_types_allowed=True))
+        validated = pydantic.validate_call(
+            config=pydantic.ConfigDict(arbitrary_types_allowed=True)
+        )(fn)
     except (pydantic.PydanticUserError, TypeError) as exc:
-        raise UsageError(f"tool function {label}: its signature cannot be validated ({exc}); "
-                         f"annotate its parameters with JSON-compatible types") from exc
-    return ToolFunction(name=name, signature=signature, doc=inspect.getdoc(fn) or "",
-                        call=validated, is_async=is_async)
+        raise UsageError(
+            f"tool function {label}: its signature cannot be validated ({exc}); "
+            f"annotate its parameters with JSON-compatible types"
+        ) from exc
+    return ToolFunction(
+        name=name,
+        signature=signature,
+        doc=inspect.getdoc(fn) or "",
+        call=validated,
+        is_async=is_async,
+        positional=positional,
+    )
 
 
 def _public_methods(obj: Any, owner: type) -> dict[str, Callable[..., Any]]:
@@ -80,24 +108,39 @@ def _public_methods(obj: Any, owner: type) -> dict[str, Callable[..., Any]]:
     return found
 
 
+def _check_name(name: str) -> str:
+    if not name.isidentifier() or name.startswith("_"):
+        raise UsageError(f"tool name {name!r} is not a public Python identifier; pass name=...")
+    return name
+
+
 def tool_from(obj: Any, *, name: str | None = None) -> ToolDef:
     """Describe ``obj`` as a tool; raises UsageError saying how to fix a bad one."""
     if isinstance(obj, ToolDef):
         return obj
     if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.ismethod(obj):
-        tool_name = name or obj.__name__
+        tool_name = _check_name(name or obj.__name__)
         fn = _function("", obj, label=tool_name)
         return ToolDef(name=tool_name, doc=fn.doc, functions={"": fn}, is_function=True)
     if isinstance(obj, types.ModuleType):
         tool_name = name or obj.__name__.rsplit(".", 1)[-1]
         names = getattr(obj, "__all__", None) or [
-            n for n, v in vars(obj).items() if not n.startswith("_") and callable(v)
-            and getattr(v, "__module__", None) == obj.__name__ and not isinstance(v, type)]
+            n
+            for n, v in vars(obj).items()
+            if not n.startswith("_")
+            and callable(v)
+            and getattr(v, "__module__", None) == obj.__name__
+            and not isinstance(v, type)
+        ]
         members = {n: getattr(obj, n) for n in names}
     elif isinstance(obj, type):
         tool_name = name or obj.__name__
-        needs_self = any(inspect.isfunction(a) for k in obj.__mro__[:-1]
-                         for n, a in vars(k).items() if not n.startswith("_"))
+        needs_self = any(
+            inspect.isfunction(a)
+            for k in obj.__mro__[:-1]
+            for n, a in vars(k).items()
+            if not n.startswith("_")
+        )
         instance: Any = obj
         if needs_self:
             try:
@@ -105,16 +148,18 @@ def tool_from(obj: Any, *, name: str | None = None) -> ToolDef:
             except TypeError as exc:
                 raise UsageError(
                     f"tool {tool_name}: its methods need an instance and {tool_name}() failed "
-                    f"({exc}); pass an instance instead of the class") from exc
+                    f"({exc}); pass an instance instead of the class"
+                ) from exc
         members = _public_methods(instance, obj)
     else:
         tool_name = name or type(obj).__name__
         members = _public_methods(obj, type(obj))
-    if not tool_name.isidentifier():
-        raise UsageError(f"tool name {tool_name!r} is not a Python identifier; pass name=...")
+    _check_name(tool_name)
     if not members:
-        raise UsageError(f"tool {tool_name} has no public functions to call: define a method "
-                         f"whose name does not start with '_' (or list them in __all__)")
+        raise UsageError(
+            f"tool {tool_name} has no public functions to call: define a method "
+            f"whose name does not start with '_' (or list them in __all__)"
+        )
     functions = {n: _function(n, fn, label=f"{tool_name}.{n}") for n, fn in members.items()}
     doc = inspect.getdoc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
     return ToolDef(name=tool_name, doc=(doc or "").strip(), functions=functions)
@@ -128,6 +173,22 @@ def toolset(tools: Iterable[Any]) -> dict[str, ToolDef]:
             raise UsageError(f"two tools are named {tool.name!r}; tool names must be unique")
         out[tool.name] = tool
     return out
+
+
+_TOOL_THREADS = 64
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _tool_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for sync tools. Not asyncio's default executor: that has
+    cpu_count + 4 threads, fewer than the tool calls one sandbox may have in
+    flight, and blocking tools must not starve the rest of the program."""
+    global _executor  # noqa: PLW0603 - one pool per process, made on first use
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_TOOL_THREADS, thread_name_prefix="legion-tool"
+        )
+    return _executor
 
 
 class _RateLimit:
@@ -152,10 +213,13 @@ def _error(call_id: str, type_name: str, message: str) -> pb.ToolResult:
     return pb.ToolResult(call_id=call_id, error=pb.ToolError(type=type_name, message=message))
 
 
-def _describe_validation(exc: pydantic.ValidationError) -> str:
+def _describe_validation(exc: pydantic.ValidationError, fn: ToolFunction) -> str:
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        path = list(err.get("loc", ()))
+        if path and isinstance(path[0], int) and path[0] < len(fn.positional):
+            path[0] = fn.positional[path[0]]  # validate_call names positional args by index
+        loc = ".".join(str(p) for p in path)
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts)
 
@@ -163,8 +227,15 @@ def _describe_validation(exc: pydantic.ValidationError) -> str:
 class ToolDispatcher:
     """Serves one sandbox's ToolCalls: allowlist, arguments, caps, then the real call."""
 
-    def __init__(self, tools: Mapping[str, ToolDef], *, timeout: float, max_concurrent: int,
-                 rate: float, max_message: int) -> None:
+    def __init__(
+        self,
+        tools: Mapping[str, ToolDef],
+        *,
+        timeout: float,
+        max_concurrent: int,
+        rate: float,
+        max_message: int,
+    ) -> None:
         self.tools = tools
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -176,14 +247,27 @@ class ToolDispatcher:
         tool = self.tools.get(call.tool)
         fn = tool.functions.get(call.function or "") if tool is not None else None
         if tool is None or fn is None:
-            allowed = ", ".join(sorted(
-                t.name if t.is_function else f"{t.name}.{f}" for t in self.tools.values()
-                for f in t.functions)) or "none"
-            return _error(call.call_id, "ToolNotAllowed",
-                          f"{label} is not a tool this sandbox may call (allowed: {allowed})")
+            allowed = (
+                ", ".join(
+                    sorted(
+                        t.name if t.is_function else f"{t.name}.{f}"
+                        for t in self.tools.values()
+                        for f in t.functions
+                    )
+                )
+                or "none"
+            )
+            return _error(
+                call.call_id,
+                "ToolNotAllowed",
+                f"{label} is not a tool this sandbox may call (allowed: {allowed})",
+            )
         if not self._rate.take():
-            return _error(call.call_id, "ToolRateLimited",
-                          f"{label}: more than {self._rate.rate:g} tool calls a second")
+            return _error(
+                call.call_id,
+                "ToolRateLimited",
+                f"{label}: more than {self._rate.rate:g} tool calls a second",
+            )
         try:
             args = json.loads(call.args_json or "[]")
             kwargs = json.loads(call.kwargs_json or "{}")
@@ -192,10 +276,20 @@ class ToolDispatcher:
         except ValueError as exc:
             return _error(call.call_id, "ToolArgumentError", f"{label}: malformed arguments: {exc}")
         async with self._slots:
-            return await self._invoke(call.call_id, label, fn, args, kwargs, context)
+            return await self._invoke(
+                call.call_id, label, fn, args=args, kwargs=kwargs, context=context
+            )
 
-    async def _invoke(self, call_id: str, label: str, fn: ToolFunction, args: list[Any],
-                      kwargs: dict[str, Any], context: contextvars.Context) -> pb.ToolResult:
+    async def _invoke(
+        self,
+        call_id: str,
+        label: str,
+        fn: ToolFunction,
+        *,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        context: contextvars.Context,
+    ) -> pb.ToolResult:
         # Each call gets its own copy: one Context cannot be entered by two
         # threads at once, and a tool must not leak changes into the caller's.
         ctx = context.copy()
@@ -205,15 +299,19 @@ class ToolDispatcher:
                 value = await asyncio.wait_for(task, self._timeout)
             else:
                 loop = asyncio.get_running_loop()
-                future = loop.run_in_executor(None, functools.partial(ctx.run, fn.call, *args,
-                                                                      **kwargs))
+                work = functools.partial(ctx.run, fn.call, *args, **kwargs)
+                future = loop.run_in_executor(_tool_executor(), work)
                 value = await asyncio.wait_for(future, self._timeout)
         except pydantic.ValidationError as exc:
-            return _error(call_id, "ToolArgumentError",
-                          f"{label}{fn.signature}: {_describe_validation(exc)}")
+            return _error(
+                call_id,
+                "ToolArgumentError",
+                f"{label}{fn.signature}: {_describe_validation(exc, fn)}",
+            )
         except TimeoutError:
-            return _error(call_id, "ToolTimeout",
-                          f"{label} did not answer within {self._timeout:g} s")
+            return _error(
+                call_id, "ToolTimeout", f"{label} did not answer within {self._timeout:g} s"
+            )
         except Exception as exc:
             # The type name and message only: a host traceback would show the
             # sandbox host paths and code it has no business seeing.
@@ -221,7 +319,10 @@ class ToolDispatcher:
         encoded = _codec.encode(value)
         size = _codec.payload_size(encoded)
         if size > self._max_message - 4096:
-            return _error(call_id, "MessageTooLarge",
-                          f"{label} returned {size} bytes; a tool result may be at most "
-                          f"{self._max_message - 4096} bytes")
+            return _error(
+                call_id,
+                "MessageTooLarge",
+                f"{label} returned {size} bytes; a tool result may be at most "
+                f"{self._max_message - 4096} bytes",
+            )
         return pb.ToolResult(call_id=call_id, value=encoded)

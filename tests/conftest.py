@@ -1,0 +1,82 @@
+"""Shared fixtures. Tests that need Docker take the ``runtime`` fixture (or
+``docker_ready``). Without an engine or image they skip, unless
+LEGION_REQUIRE_DOCKER=1 (CI), which turns that skip into a failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import docker
+import pytest
+
+import legion
+from legion.sandbox import image as legion_image
+from legion.sandbox.docker_backend import LABEL, OWNER_LABEL, owner_alive, owner_id
+
+REQUIRE_DOCKER = os.environ.get("LEGION_REQUIRE_DOCKER") == "1"
+
+
+def _docker_problem() -> str | None:
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:
+        return f"no Docker engine answers ({exc}); run `make test`, which starts one"
+    tag = legion_image.image_tag()
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return f"the sandbox image {tag} is not built; run `make image`"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    problem = _docker_problem()
+    if problem is None:
+        return
+    if REQUIRE_DOCKER:
+        pytest.fail(f"LEGION_REQUIRE_DOCKER=1 but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_ready: None) -> docker.DockerClient:
+    return docker.from_env(timeout=60)
+
+
+@pytest.fixture(scope="session")
+async def runtime(docker_ready: None) -> AsyncIterator[legion.SandboxRuntime]:
+    """One runtime with a warm pool, shared by the whole session."""
+    async with legion.SandboxRuntime(pool_size=2) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def sandbox(runtime: legion.SandboxRuntime) -> AsyncIterator[legion.Sandbox]:
+    async with legion.Sandbox(runtime=runtime) as sb:
+        yield sb
+
+
+def legion_containers() -> list[str]:
+    """Containers with the project's label that this test process (or a
+    process that has died, such as a test's child) is responsible for.
+    Containers of another live controller on this engine are not ours."""
+    client = docker.from_env(timeout=30)
+    mine = owner_id()
+    return [
+        c.name
+        for c in client.containers.list(all=True, filters={"label": LABEL})
+        if c.labels.get(OWNER_LABEL) == mine or not owner_alive(c.labels.get(OWNER_LABEL, ""))
+    ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_container_left_behind() -> object:
+    """Fails the session if any container with the project's label remains."""
+    yield
+    if _docker_problem() is not None:
+        return
+    left = legion_containers()
+    assert not left, f"containers left behind by the test session: {left}"
