@@ -44,6 +44,10 @@ _ENVELOPE = 4096
 _OUTPUT_CHUNK = 64 * 1024
 _OUTPUT_FLUSH_SECONDS = 0.1
 _RUNNER_DIR = os.path.dirname(os.path.abspath(__file__))
+# An error must always fit in one message, however large the smallest
+# allowed message limit (64 KiB) and whatever the code raised.
+_MAX_ERROR_MESSAGE = 16 * 1024
+_MAX_TRACEBACK = 32 * 1024
 
 
 # --- errors raised inside sandbox code -------------------------------------
@@ -442,8 +446,8 @@ class Runner:
             try:
                 has_value, value = self._run_code(request.code)
                 if has_value:
-                    result.has_value = True
                     result.value.CopyFrom(self._encode_result(value))
+                    result.has_value = True
             except ExecutionCancelled:
                 result.cancelled = True
                 result.error.CopyFrom(
@@ -454,9 +458,9 @@ class Runner:
             except BaseException as exc:  # SystemExit too: sandbox code must not end the runner
                 result.error.CopyFrom(
                     pb.ExecError(
-                        type=type(exc).__name__,
-                        message=_message_of(exc),
-                        traceback=_strip_runner_frames(exc),
+                        type=type(exc).__name__[:200],
+                        message=_cap(_message_of(exc), _MAX_ERROR_MESSAGE),
+                        traceback=_cap(_strip_runner_frames(exc), _MAX_TRACEBACK, keep_end=True),
                     )
                 )
             with self._lock:
@@ -552,6 +556,15 @@ class Runner:
         if result.value.WhichOneof("kind") == "repr":
             return HostRepr(result.value.repr)
         return json.loads(result.value.json) if result.value.json else None
+
+
+def _cap(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """At most ``limit`` characters, with a marker saying how many were cut.
+    Tracebacks keep their end, where the error is."""
+    if len(text) <= limit:
+        return text
+    marker = f"\n[... {len(text) - limit} characters cut ...]\n"
+    return marker + text[-limit:] if keep_end else text[:limit] + marker
 
 
 def _message_of(exc: BaseException) -> str:

@@ -134,6 +134,10 @@ class DockerBackend:
                 "LEGION_TOKEN": token,
                 "LEGION_SOCKET": f"{SOCKET_MOUNT}/legion.sock",
                 "LEGION_MAX_MESSAGE_BYTES": str(limits.max_message_bytes),
+                # gRPC's fork support restarts its threads in every forked
+                # child (6 pids each) and aborts when it cannot: sandbox code
+                # that forks must meet the pids limit, not crash the runner.
+                "GRPC_ENABLE_FORK_SUPPORT": "0",
             },
             "network_disabled": True,
             "network_mode": "none",

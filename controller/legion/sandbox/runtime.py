@@ -19,6 +19,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,12 @@ class SandboxRuntime:
         self._refill_task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
         self._pool_starts: set[asyncio.Task[None]] = set()
+        self._waiters: deque[asyncio.Future[Lease]] = deque()
         self._containers: set[str] = set()
         self._names = itertools.count(1)
         self._state = "new"
         self._start_lock = asyncio.Lock()
+        self._closer: AsyncIterator[None] | None = None
 
     # lifecycle -------------------------------------------------------------
 
@@ -173,6 +176,13 @@ class SandboxRuntime:
         if self._state != "started":
             await self.start()
         limits = limits or self.limits
+        if limits.max_message_bytes > self.limits.max_message_bytes:
+            raise UsageError(
+                f"max_message_bytes={limits.max_message_bytes} is above this runtime's "
+                f"{self.limits.max_message_bytes}: its channel cannot carry such messages. Set it "
+                f"on the runtime instead: SandboxRuntime(limits=SandboxLimits("
+                f"max_message_bytes=...))."
+            )
         if limits == self.limits:
             while self._ready:
                 lease = self._ready.popleft()
@@ -180,6 +190,22 @@ class SandboxRuntime:
                 if lease.connection.is_open:
                     return lease
                 self.release(lease)
+            if self._starting > len(self._waiters):
+                # A pool container is on its way and will be ready sooner than
+                # a new one: take it rather than start a third.
+                waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    lease = await waiter
+                except SandboxError:
+                    pass  # that start failed; start one of our own
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                        self.release(waiter.result())  # handed over as we were cancelled
+                    raise
+                else:
+                    self._refill_wanted.set()
+                    return lease
         return await self._start_container(limits)
 
     def release(self, lease: Lease) -> asyncio.Task[None]:
@@ -280,18 +306,32 @@ class SandboxRuntime:
             lease = await self._start_container(self.limits)
         except Exception as exc:
             self._failures += 1
+            self._hand_over(exc)
             if self._state == "started":
                 log.warning("sandbox_pool_start_failed", error=str(exc), failures=self._failures)
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
         else:
             self._failures = 0
-            if self._state == "started":
-                self._ready.append(lease)
-            else:
+            if self._state != "started":
                 self.release(lease)
+            elif not self._hand_over(lease):
+                self._ready.append(lease)
         finally:
             self._starting -= 1
             self._refill_wanted.set()
+
+    def _hand_over(self, outcome: Lease | Exception) -> bool:
+        """Give a pool start's outcome to the first acquire waiting for one."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # its caller was cancelled
+                continue
+            if isinstance(outcome, Lease):
+                waiter.set_result(outcome)
+            else:
+                waiter.set_exception(SandboxStartError(str(outcome)))
+            return True
+        return False
 
 
 # --- the default runtime, one per event loop -----------------------------------
@@ -303,12 +343,26 @@ _defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SandboxRuntime] 
 
 
 async def default_runtime() -> SandboxRuntime:
-    """The runtime ``Sandbox()`` uses when given none (per event loop)."""
+    """The runtime ``Sandbox()`` uses when given none (per event loop).
+
+    It closes itself when the loop shuts down (``asyncio.run`` finalises
+    async generators before closing the loop), so its containers go with it.
+    """
     loop = asyncio.get_running_loop()
     runtime = _defaults.get(loop)
     if runtime is None or runtime._state == "closed":
         runtime = _defaults[loop] = SandboxRuntime()
+        closer = _close_at_loop_shutdown(runtime)
+        await anext(closer)
+        runtime._closer = closer  # a strong reference keeps it until shutdown
     return await runtime.start()
+
+
+async def _close_at_loop_shutdown(runtime: SandboxRuntime) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await runtime.aclose()
 
 
 @atexit.register
@@ -317,5 +371,7 @@ def _remove_leftovers() -> None:
     for runtime in list(_live_runtimes):
         with contextlib.suppress(Exception):
             runtime.backend.remove_all_sync()
+        if runtime._channel is not None:
+            runtime._channel.stop_sync()
         if runtime._dir is not None:
             shutil.rmtree(runtime._dir, ignore_errors=True)

@@ -18,6 +18,7 @@ from .._proto import sandbox_pb2 as pb
 from ..config import SandboxLimits
 from ..errors import SandboxClosed, SandboxCrashed, SandboxOOMKilled
 from . import _codec
+from .channel import ENVELOPE_BYTES
 from .runtime import Lease, SandboxRuntime, default_runtime
 from .tools import ToolDef, ToolDispatcher, toolset
 
@@ -177,8 +178,7 @@ class Sandbox:
             max_message=limits.max_message_bytes,
         )
         self._lease = lease
-        lease.connection.attach(self._on_message)
-        lease.connection.closed.add_done_callback(functools.partial(self._on_closed, lease))
+        lease.connection.attach(self._on_message, functools.partial(self._on_closed, lease))
         lease.connection.send(
             pb.ControllerMessage(
                 define_tools=pb.DefineTools(tools=[t.spec() for t in self.tools.values()])
@@ -222,6 +222,17 @@ class Sandbox:
             assert lease is not None
             limits = lease.limits
             timeout = limits.timeout_seconds if timeout is None else timeout
+            size = len(code.encode("utf-8", "surrogatepass"))
+            if size > limits.max_message_bytes - ENVELOPE_BYTES:
+                return ExecResult(
+                    error=ExecError(
+                        "MessageTooLarge",
+                        f"the code is {size} bytes; at most "
+                        f"{limits.max_message_bytes - ENVELOPE_BYTES} bytes can be sent to the "
+                        "sandbox at once. Send it in parts, or keep data on the host behind "
+                        "a tool.",
+                    )
+                )
             context = contextvars.copy_context()
             if self._vault:
                 context.run(_vault._overlay, self._vault)
@@ -352,8 +363,7 @@ class Sandbox:
         result = await dispatcher.handle(call, execution.context)
         lease.connection.send(pb.ControllerMessage(tool_result=result))
 
-    def _on_closed(self, lease: Lease, closed: asyncio.Future[str]) -> None:
-        reason = closed.result()
+    def _on_closed(self, lease: Lease, reason: str) -> None:
         execution = self._execution
         if self._lease is lease and execution is not None and not execution.done.done():
             execution.done.set_exception(_ChannelLost(reason))

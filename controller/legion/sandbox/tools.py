@@ -209,8 +209,16 @@ class _RateLimit:
         return True
 
 
+MAX_ERROR_MESSAGE = 16 * 1024
+"""A tool's error message is cut to this many characters: it must fit in a
+message under the smallest allowed limit, and a model gains nothing past it."""
+
+
 def _error(call_id: str, type_name: str, message: str) -> pb.ToolResult:
-    return pb.ToolResult(call_id=call_id, error=pb.ToolError(type=type_name, message=message))
+    if len(message) > MAX_ERROR_MESSAGE:
+        cut = len(message) - MAX_ERROR_MESSAGE
+        message = f"{message[:MAX_ERROR_MESSAGE]}\n[... {cut} characters cut ...]"
+    return pb.ToolResult(call_id=call_id, error=pb.ToolError(type=type_name[:200], message=message))
 
 
 def _describe_validation(exc: pydantic.ValidationError, fn: ToolFunction) -> str:
