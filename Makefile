@@ -37,7 +37,7 @@ protos: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/ruff format --check controller sandbox_image tests examples scripts
+	@$(VENV)/bin/ruff format --check controller sandbox_image tests examples scripts bench
 	@$(VENV)/bin/mypy
 
 clean:

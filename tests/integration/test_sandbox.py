@@ -338,10 +338,7 @@ async def test_cold_start_without_a_pool(docker_ready: None) -> None:
 
 async def test_warm_pool_hands_out_started_containers(docker_ready: None) -> None:
     async with legion.SandboxRuntime(pool_size=1) as runtime:
-        for _ in range(100):  # the pool fills in the background
-            if runtime._ready:
-                break
-            await asyncio.sleep(0.05)
+        await runtime.warm()  # the pool fills in the background
         ready = runtime._ready[0].container_id
         async with legion.Sandbox(runtime=runtime) as sandbox:
             assert sandbox.container_id == ready

@@ -94,6 +94,7 @@ class SandboxRuntime:
         self._starting = 0
         self._failures = 0
         self._refill_wanted = asyncio.Event()
+        self._pool_full = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
         self._pool_starts: set[asyncio.Task[None]] = set()
@@ -164,6 +165,12 @@ class SandboxRuntime:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def warm(self) -> None:
+        """Start if needed, and wait until the pool holds ``pool_size`` ready containers."""
+        await self.start()
+        if self.pool_size:
+            await self._pool_full.wait()
+
     @property
     def live_containers(self) -> frozenset[str]:
         """Ids of the containers this runtime has started and not yet removed."""
@@ -186,6 +193,7 @@ class SandboxRuntime:
         if limits == self.limits:
             while self._ready:
                 lease = self._ready.popleft()
+                self._pool_full.clear()
                 self._refill_wanted.set()
                 if lease.connection.is_open:
                     return lease
@@ -316,6 +324,8 @@ class SandboxRuntime:
                 self.release(lease)
             elif not self._hand_over(lease):
                 self._ready.append(lease)
+                if len(self._ready) >= self.pool_size:
+                    self._pool_full.set()
         finally:
             self._starting -= 1
             self._refill_wanted.set()
