@@ -350,3 +350,33 @@ async def test_missing_image_says_how_to_build_it(docker_ready: None) -> None:
     with pytest.raises(legion.ImageNotFound, match=r"make image.*legion image build"):
         await runtime.start()
     await runtime.aclose()
+
+
+async def test_channel_refuses_replayed_unknown_and_malformed_hellos(
+    runtime: legion.SandboxRuntime,
+) -> None:
+    # Sandbox code dials the controller's socket itself: its own (used) token,
+    # a made-up one, and a stream that does not start with Hello.
+    async with legion.Sandbox(runtime=runtime) as sandbox:
+        result = await sandbox.run(
+            "import gc, grpc\n"
+            "from legion_runner.runner import Runner\n"
+            "from legion_runner._proto import sandbox_pb2 as pb, sandbox_pb2_grpc as pbg\n"
+            "runner = next(o for o in gc.get_objects() if isinstance(o, Runner))\n"
+            "def attempt(first):\n"
+            "    channel = grpc.insecure_channel('unix:///run/legion/legion.sock')\n"
+            "    try:\n"
+            "        for _ in pbg.SandboxChannelStub(channel).Connect(iter([first])):\n"
+            "            return 'got a message'\n"
+            "        return 'stream ended'\n"
+            "    except grpc.RpcError as e:\n"
+            "        return e.code().name\n"
+            "    finally:\n"
+            "        channel.close()\n"
+            "[attempt(pb.RunnerMessage(hello=pb.Hello(token=runner._token))),\n"
+            " attempt(pb.RunnerMessage(hello=pb.Hello(token='made-up'))),\n"
+            " attempt(pb.RunnerMessage(output=pb.Output(exec_id='x')))]"
+        )
+        assert result.ok, result.error
+        assert result.value == ["PERMISSION_DENIED", "PERMISSION_DENIED", "INVALID_ARGUMENT"]
+        assert (await sandbox.run("'still served'")).value == "still served"

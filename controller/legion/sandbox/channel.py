@@ -16,6 +16,7 @@ the server can still be stopped from ``atexit``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import os
@@ -153,10 +154,16 @@ class _Servicer(pb_grpc.SandboxChannelServicer):
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
             return
+        token = first.hello.token
         with self._server._lock:
-            waiter = self._server._expected.pop(first.hello.token, None)
+            waiter = self._server._expected.pop(token, None)
+            retired = token in self._server._retired
         if waiter is None:
-            log.warning("sandbox_hello_refused", reason="unknown or already used token")
+            if retired or self._server._stopping:
+                # Its start was abandoned, or we are shutting down: expected.
+                log.debug("sandbox_hello_refused", reason="start abandoned or channel stopping")
+            else:
+                log.warning("sandbox_hello_refused", reason="unknown or already used token")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or already used token")
             return
         connection = Connection(first.hello, context, asyncio.get_running_loop())
@@ -182,6 +189,10 @@ class ChannelServer:
         self._max_message = max_message_bytes + ENVELOPE_BYTES
         self._expected: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Connection]]] = {}
         self._lock = threading.Lock()
+        # Tokens whose start was abandoned: a late Hello with one is refused
+        # quietly. Bounded: only the most recent ones matter.
+        self._retired: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
@@ -237,6 +248,9 @@ class ChannelServer:
     def forget(self, token: str) -> None:
         with self._lock:
             waiter = self._expected.pop(token, None)
+            self._retired[token] = None
+            while len(self._retired) > 1024:
+                self._retired.popitem(last=False)
         if waiter is not None and not waiter[1].done():
             waiter[1].cancel()
 
@@ -251,6 +265,7 @@ class ChannelServer:
 
     def _begin_stop(self, grace: float) -> concurrent.futures.Future[None] | None:
         with self._lock:
+            self._stopping = True
             self._expected.clear()
         loop, self._loop = self._loop, None
         if loop is None or loop.is_closed():
