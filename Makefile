@@ -24,7 +24,7 @@ image: setup docker
 	@$(VENV)/bin/legion image build
 
 demo: image
-	@$(PY) examples/sandbox_demo.py
+	@$(PY) examples/agent_demo.py
 
 test: image
 	@$(PY) -m pytest

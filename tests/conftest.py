@@ -5,7 +5,7 @@ LEGION_REQUIRE_DOCKER=1 (CI), which turns that skip into a failure."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import docker
 import pytest
@@ -13,6 +13,7 @@ import pytest
 import legion
 from legion.sandbox import image as legion_image
 from legion.sandbox.docker_backend import LABEL, OWNER_LABEL, owner_alive, owner_id
+from legion.testing import forbid_model_requests
 
 REQUIRE_DOCKER = os.environ.get("LEGION_REQUIRE_DOCKER") == "1"
 
@@ -70,6 +71,17 @@ def legion_containers() -> list[str]:
         for c in client.containers.list(all=True, filters={"label": LABEL})
         if c.labels.get(OWNER_LABEL) == mine or not owner_alive(c.labels.get(OWNER_LABEL, ""))
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_real_model_requests() -> Iterator[None]:
+    """The suite never reaches a model vendor: only loopback api_bases work.
+    Set LEGION_ALLOW_MODEL_REQUESTS=1 to allow them explicitly."""
+    if os.environ.get("LEGION_ALLOW_MODEL_REQUESTS") == "1":
+        yield
+        return
+    with forbid_model_requests():
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

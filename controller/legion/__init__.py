@@ -24,13 +24,18 @@ import os as _os
 # user's own setting wins.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from . import vault
-from .config import SandboxLimits
+from . import telemetry, vault
+from .agent import Agent, RunResult, prompt_for, run, run_sync
+from .config import AgentConfig, SandboxLimits
 from .errors import (
     BackendError,
     DockerUnavailable,
     ImageNotFound,
     LegionError,
+    MaxIterationsReached,
+    MaxRetriesReached,
+    ModelError,
+    RunError,
     SandboxClosed,
     SandboxCrashed,
     SandboxError,
@@ -39,6 +44,7 @@ from .errors import (
     UsageError,
     VaultKeyError,
 )
+from .models import Usage
 from .sandbox import (
     ExecError,
     ExecResult,
@@ -46,17 +52,25 @@ from .sandbox import (
     Sandbox,
     SandboxRuntime,
 )
+from .tool import Tool, expose
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "BackendError",
     "DockerUnavailable",
     "ExecError",
     "ExecResult",
     "ImageNotFound",
     "LegionError",
+    "MaxIterationsReached",
+    "MaxRetriesReached",
+    "ModelError",
     "ResourceStats",
+    "RunError",
+    "RunResult",
     "Sandbox",
     "SandboxClosed",
     "SandboxCrashed",
@@ -65,8 +79,15 @@ __all__ = [
     "SandboxOOMKilled",
     "SandboxRuntime",
     "SandboxStartError",
+    "Tool",
+    "Usage",
     "UsageError",
     "VaultKeyError",
     "__version__",
+    "expose",
+    "prompt_for",
+    "run",
+    "run_sync",
+    "telemetry",
     "vault",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import LegionError
+from .errors import LegionError, UsageError
 
 
 def _image_build(args: argparse.Namespace) -> int:
@@ -22,6 +22,22 @@ def _image_name(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt(args: argparse.Namespace) -> int:
+    import importlib  # noqa: PLC0415
+
+    from .agent import prompt_for  # noqa: PLC0415
+
+    module_name, _, attr = args.agent.partition(":")
+    if not attr:
+        raise UsageError(f"name the agent as module:Class, got {args.agent!r}")
+    try:
+        agent = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot import {args.agent}: {exc}") from None
+    sys.stdout.write(prompt_for(agent))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_image_build)
     name = image_commands.add_parser("name", help="print the tag this runner's image has")
     name.set_defaults(func=_image_name)
+    prompt = commands.add_parser("prompt", help="print an agent's system prompt")
+    prompt.add_argument("agent", help="the agent class, as package.module:Class")
+    prompt.set_defaults(func=_prompt)
     return parser
 
 

@@ -112,3 +112,119 @@ class SandboxLimits:
         if unknown:
             raise UsageError(f"unknown SandboxLimits field(s) {unknown}; valid: {sorted(names)}")
         return dataclasses.replace(self, **changes)
+
+
+BINDING_SCOPES = ("iteration", "turn", "conversation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """How an agent runs. Layered: these defaults < ``LEGION_<NAME>`` environment
+    variables < the agent's ``config`` < keyword overrides of one call."""
+
+    model: str = "openai/gpt-4o-mini"
+    """Any litellm model string (``provider/model``)."""
+    api_base: str | None = None
+    """Base URL of the model's API, for self-hosted or compatible servers."""
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    """API key; by default litellm reads the provider's own variable (OPENAI_API_KEY...)."""
+    temperature: float | None = None
+    max_iterations: int = 10
+    """Successful ``eval_and_continue`` steps before the run is stopped."""
+    max_retries: int = 3
+    """Failed steps in a row (bad reply, code error, invalid output) that are
+    retried; the next failure in a row stops the run. A success resets it."""
+    sandbox_timeout: float = 60.0
+    """Seconds one code step may run."""
+    binding_scope: str = "turn"
+    """``iteration``: each step starts with an empty namespace; ``turn``: variables
+    persist through one run; ``conversation``: through a long-lived agent's calls."""
+    max_message_length: int = 20_000
+    """Characters of one message to the model; longer content is cut with a marker."""
+    model_timeout: float = 120.0
+    """Seconds one model request may take."""
+    model_retries: int = 3
+    """Retries of a model request on rate limits, 5xx and connection errors."""
+    model_retry_backoff: float = 1.0
+    """First retry's delay in seconds; doubles each time (a Retry-After header wins)."""
+    sandbox_limits: SandboxLimits | None = None
+    """Container limits for this agent's sandbox (None: the runtime's)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_iterations", "max_message_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UsageError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("max_retries", "model_retries"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise UsageError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
+        for name in ("sandbox_timeout", "model_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.binding_scope not in BINDING_SCOPES:
+            raise UsageError(
+                f"binding_scope must be one of {', '.join(BINDING_SCOPES)}; "
+                f"got {self.binding_scope!r}"
+            )
+        if not self.model or ("/" not in self.model and not self.model.replace("-", "").isalnum()):
+            raise UsageError(
+                f"model {self.model!r} is not a litellm model string such as 'openai/gpt-4o-mini'"
+            )
+
+
+_ENV_PREFIX = "LEGION_"
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(AgentConfig)]
+
+
+def check_config_keys(values: dict[str, Any] | Any, where: str) -> None:
+    """UsageError naming the closest valid key for any unknown one."""
+    import difflib  # noqa: PLC0415 - only on this path
+
+    names = _field_names()
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise UsageError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(AgentConfig):
+        raw = environ.get(_ENV_PREFIX + field.name.upper())
+        if raw is None or field.name == "sandbox_limits":
+            continue
+        default = field.default
+        try:
+            if isinstance(default, bool):
+                out[field.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                out[field.name] = int(raw)
+            elif isinstance(default, float):
+                out[field.name] = float(raw)
+            else:
+                out[field.name] = raw
+        except ValueError:
+            raise UsageError(
+                f"{_ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {type(default).__name__}"
+            ) from None
+    return out
+
+
+def resolve_agent_config(
+    agent_config: dict[str, Any] | Any,
+    overrides: dict[str, Any],
+    *,
+    environ: dict[str, str] | None = None,
+    where: str = "the agent's config",
+) -> AgentConfig:
+    """Defaults < environment < the agent's config < call overrides."""
+    import os  # noqa: PLC0415
+
+    check_config_keys(agent_config, where)
+    check_config_keys(overrides, "the call's keyword arguments")
+    env = _from_env(dict(os.environ) if environ is None else environ)
+    return AgentConfig(**{**env, **dict(agent_config), **overrides})

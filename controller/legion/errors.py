@@ -5,6 +5,10 @@ The tree::
     LegionError
     ├── UsageError               the caller's mistake: bad config, bad tool; says how to fix it
     ├── VaultKeyError            a tool asked the vault for a key the caller did not bind
+    ├── RunError                 an agent run stopped without an answer; carries its history
+    │   ├── MaxIterationsReached max_iterations successful steps and no answer yet
+    │   ├── MaxRetriesReached    more failed steps in a row than max_retries
+    │   └── ModelError           the model could not be reached, or refused the request
     └── SandboxError             a sandbox could not do its job
         ├── DockerUnavailable    no Docker engine answers
         ├── ImageNotFound        the sandbox image is not built (`make image`, `legion image build`)
@@ -22,6 +26,8 @@ Docker and gRPC errors are translated into these where they enter Legion, once.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class LegionError(Exception):
@@ -81,3 +87,38 @@ class SandboxCrashed(SandboxError):
 
 class SandboxOOMKilled(SandboxCrashed):
     """The kernel killed the sandbox at its memory limit."""
+
+
+class RunError(LegionError):
+    """An agent run stopped without an answer.
+
+    ``messages`` is the conversation so far, ``run_id`` the run's id and
+    ``usage`` the tokens (and cost) spent, so nothing of the work is lost.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str = "",
+        messages: list[dict[str, Any]] | None = None,
+        usage: Any = None,
+        iterations: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.messages = list(messages or [])
+        self.usage = usage
+        self.iterations = iterations
+
+
+class MaxIterationsReached(RunError):
+    """The agent took ``max_iterations`` successful steps without answering."""
+
+
+class MaxRetriesReached(RunError):
+    """More steps failed in a row than ``max_retries`` allows."""
+
+
+class ModelError(RunError):
+    """The model could not be reached (after retries), or refused the request."""

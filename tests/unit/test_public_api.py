@@ -4,26 +4,17 @@ import sys
 import legion
 
 PUBLIC = [
-    "BackendError",
-    "DockerUnavailable",
-    "ExecError",
-    "ExecResult",
-    "ImageNotFound",
-    "LegionError",
-    "ResourceStats",
-    "Sandbox",
-    "SandboxClosed",
-    "SandboxCrashed",
-    "SandboxError",
-    "SandboxLimits",
-    "SandboxOOMKilled",
-    "SandboxRuntime",
-    "SandboxStartError",
-    "UsageError",
-    "VaultKeyError",
+    # agents
+    "Agent", "AgentConfig", "RunResult", "Tool", "Usage", "expose", "prompt_for", "run",
+    "run_sync", "telemetry", "vault",
+    # sandboxes
+    "ExecError", "ExecResult", "ResourceStats", "Sandbox", "SandboxLimits", "SandboxRuntime",
+    # errors
+    "BackendError", "DockerUnavailable", "ImageNotFound", "LegionError", "MaxIterationsReached",
+    "MaxRetriesReached", "ModelError", "RunError", "SandboxClosed", "SandboxCrashed",
+    "SandboxError", "SandboxOOMKilled", "SandboxStartError", "UsageError", "VaultKeyError",
     "__version__",
-    "vault",
-]
+]  # fmt: skip
 
 
 def test_public_api_is_pinned() -> None:

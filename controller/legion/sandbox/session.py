@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import telemetry
 from .. import vault as _vault
 from .._log import get_logger
 from .._proto import sandbox_pb2 as pb
@@ -210,6 +211,16 @@ class Sandbox:
         ``timeout`` defaults to the limits' ``timeout_seconds``; ``reset=True``
         starts from an empty namespace (tools stay).
         """
+        with telemetry.span("sandbox.eval", code=code) as stop:
+            result = await self._run(code, timeout=timeout, reset=reset)
+            stop.update(
+                success=result.ok,
+                timed_out=result.timed_out,
+                error=str(result.error) if result.error else None,
+            )
+            return result
+
+    async def _run(self, code: str, *, timeout: float | None, reset: bool) -> ExecResult:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         async with self._lock:
@@ -352,7 +363,11 @@ class Sandbox:
             if message.execute_result.exec_id == execution.exec_id and not execution.done.done():
                 execution.done.set_result(message.execute_result)
         elif kind == "tool_call":
-            task = asyncio.create_task(self._serve_call(message.tool_call, execution))
+            # In the caller's context (run ids, the vault), not the channel
+            # thread's, which is what this callback was scheduled from.
+            task = asyncio.create_task(
+                self._serve_call(message.tool_call, execution), context=execution.context.copy()
+            )
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 

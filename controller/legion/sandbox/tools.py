@@ -23,6 +23,7 @@ from typing import Any
 
 import pydantic
 
+from .. import telemetry
 from .._proto import sandbox_pb2 as pb
 from ..errors import UsageError
 from . import _codec
@@ -284,9 +285,13 @@ class ToolDispatcher:
         except ValueError as exc:
             return _error(call.call_id, "ToolArgumentError", f"{label}: malformed arguments: {exc}")
         async with self._slots:
-            return await self._invoke(
-                call.call_id, label, fn, args=args, kwargs=kwargs, context=context
-            )
+            with telemetry.span("tool.call", tool=call.tool, function=call.function) as stop:
+                result = await self._invoke(
+                    call.call_id, label, fn, args=args, kwargs=kwargs, context=context
+                )
+                if result.WhichOneof("outcome") == "error":
+                    stop["error"] = f"{result.error.type}: {result.error.message[:200]}"
+            return result
 
     async def _invoke(
         self,
