@@ -380,3 +380,33 @@ async def test_channel_refuses_replayed_unknown_and_malformed_hellos(
         assert result.ok, result.error
         assert result.value == ["PERMISSION_DENIED", "PERMISSION_DENIED", "INVALID_ARGUMENT"]
         assert (await sandbox.run("'still served'")).value == "still served"
+
+
+async def test_runner_crash_is_a_distinct_error_and_the_next_run_is_fresh(
+    runtime: legion.SandboxRuntime,
+) -> None:
+    async with legion.Sandbox(runtime=runtime) as sandbox:
+        await sandbox.run("kept = 1")
+        with pytest.raises(legion.SandboxCrashed) as crash:
+            await sandbox.run("import os\nprint('going down', flush=True)\nos._exit(7)")
+        assert not isinstance(crash.value, legion.SandboxOOMKilled)
+        assert crash.value.exit_code == 7
+        assert "variables from earlier runs are gone" in str(crash.value)
+        after = await sandbox.run("kept")
+        assert after.error is not None and after.error.type == "NameError"
+
+
+async def test_timeout_keeps_what_the_code_printed_before(runtime: legion.SandboxRuntime) -> None:
+    limits = legion.SandboxLimits(timeout_seconds=1.5)
+    async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
+        result = await sandbox.run("print('step 1 done')\nwhile True:\n    pass")
+        assert result.timed_out
+        assert result.stdout.startswith("step 1 done\n")
+
+
+async def test_engine_errors_become_backend_errors(docker_ready: None) -> None:
+    async with legion.SandboxRuntime(pool_size=0) as runtime:
+        limits = legion.SandboxLimits(runtime="no-such-runtime")
+        with pytest.raises(legion.BackendError, match="Docker said"):
+            await legion.Sandbox(runtime=runtime, limits=limits).start()
+        assert runtime.live_containers == frozenset()  # nothing half-created is left

@@ -115,8 +115,9 @@ def choose_base(client: Any, progress: Progress = _say) -> str:
         progress(f"base image: {SLIM_BASE} (pulled)")
         return SLIM_BASE
     except Exception as exc:
+        reason = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:160]
         progress(
-            f"no registry answered ({str(exc).splitlines()[0][:120]}); building a local "
+            f"no registry answered ({reason}); building a local "
             f"Debian base {LOCAL_BASE} with debootstrap instead"
         )
     result = subprocess.run([str(_script("build-base-image")), LOCAL_BASE], check=False)
