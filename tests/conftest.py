@@ -67,9 +67,9 @@ def legion_containers() -> list[str]:
     client = docker.from_env(timeout=30)
     mine = owner_id()
     return [
-        c.name
-        for c in client.containers.list(all=True, filters={"label": LABEL})
-        if c.labels.get(OWNER_LABEL) == mine or not owner_alive(c.labels.get(OWNER_LABEL, ""))
+        c["Names"][0]
+        for c in client.api.containers(all=True, filters={"label": LABEL})
+        if c["Labels"].get(OWNER_LABEL) == mine or not owner_alive(c["Labels"].get(OWNER_LABEL, ""))
     ]
 
 

@@ -49,8 +49,10 @@ class SandboxLimits:
     """uid:gid the code runs as. Never root."""
     runtime: str | None = None
     """Container runtime (``None``: the engine's default, runc; ``"runsc"`` for gVisor)."""
-    seccomp_profile: Path | None = None
-    """A seccomp profile (JSON) to apply instead of the engine's default."""
+    seccomp_profile: str | Path = "legion"
+    """``"legion"``: the built-in allowlist (legion.sandbox.seccomp), stricter than
+    the engine's default; ``"engine"``: the engine's own default profile; or the
+    path of a seccomp profile (the engine's JSON format)."""
     start_timeout_seconds: float = 30.0
     """How long a new container has to say Hello."""
     tool_timeout_seconds: float = 60.0
@@ -102,8 +104,14 @@ class SandboxLimits:
                 "SandboxLimits.user must not be root; use an unprivileged uid:gid "
                 "such as the default '65534:65534'"
             )
-        if self.seccomp_profile is not None and not Path(self.seccomp_profile).is_file():
-            raise UsageError(f"SandboxLimits.seccomp_profile: no file at {self.seccomp_profile}")
+        if (
+            self.seccomp_profile not in ("legion", "engine")
+            and not Path(self.seccomp_profile).is_file()
+        ):
+            raise UsageError(
+                f"SandboxLimits.seccomp_profile: no file at {self.seccomp_profile} (use "
+                "'legion', 'engine' or the path of a profile)"
+            )
 
     def replace(self, **changes: Any) -> SandboxLimits:
         """A copy with some fields changed (unknown names raise UsageError)."""

@@ -36,10 +36,12 @@ CHILD = textwrap.dedent("""
 
 
 def _owned_by(client: docker.DockerClient, pid: int) -> list[str]:
+    # The low-level list: containers.list() inspects each one afterwards and
+    # fails on any removed in between.
     return [
-        c.name
-        for c in client.containers.list(all=True, filters={"label": LABEL})
-        if c.labels.get(OWNER_LABEL, "").split("/")[1:2] == [str(pid)]
+        c["Names"][0]
+        for c in client.api.containers(all=True, filters={"label": LABEL})
+        if c["Labels"].get(OWNER_LABEL, "").split("/")[1:2] == [str(pid)]
     ]
 
 

@@ -53,3 +53,40 @@ def test_replace_checks_names() -> None:
     assert legion.SandboxLimits().replace(memory_mb=512).memory_mb == 512
     with pytest.raises(legion.UsageError, match="memroy_mb"):
         legion.SandboxLimits().replace(memroy_mb=512)
+
+
+def test_seccomp_profile_defaults_to_the_builtin_allowlist() -> None:
+    from legion.sandbox import seccomp
+
+    assert legion.SandboxLimits().seccomp_profile == "legion"
+    profile = seccomp.profile("x86_64")
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert profile["architectures"] == ["SCMP_ARCH_X86_64"]  # no 32-bit, no x32
+    allowed = {
+        n
+        for rule in profile["syscalls"]
+        if rule["action"] == "SCMP_ACT_ALLOW"
+        for n in rule["names"]
+        if "args" not in rule
+    }
+    for closed in (
+        "io_uring_setup",
+        "ptrace",
+        "process_vm_readv",
+        "modify_ldt",
+        "memfd_secret",
+        "memfd_create",
+        "name_to_handle_at",
+        "socketcall",
+        "execveat",
+        "unshare",
+        "mount",
+        "bpf",
+        "shmget",
+        "clone3",
+    ):
+        assert closed not in allowed, closed
+    families = sorted(
+        rule["args"][0]["value"] for rule in profile["syscalls"] if rule["names"] == ["socket"]
+    )
+    assert families == [1, 2, 10, 16]

@@ -22,6 +22,7 @@ from docker.types import Ulimit
 from .._log import get_logger
 from ..config import MiB, SandboxLimits
 from ..errors import BackendError, DockerUnavailable, ImageNotFound
+from . import seccomp
 
 log = get_logger("legion.sandbox.docker")
 
@@ -123,7 +124,9 @@ class DockerBackend:
         self, limits: SandboxLimits, *, token: str, socket_dir: Path, name: str
     ) -> dict[str, Any]:
         security_opt = ["no-new-privileges:true"]
-        if limits.seccomp_profile is not None:
+        if limits.seccomp_profile == "legion":
+            security_opt.append(f"seccomp={seccomp.profile_json()}")
+        elif limits.seccomp_profile != "engine":
             security_opt.append(f"seccomp={Path(limits.seccomp_profile).read_text()}")
         config: dict[str, Any] = {
             "image": self.image,
