@@ -1,6 +1,7 @@
 # Quick start: `make demo`, then `make test`. Both set up everything they need:
 # a virtualenv, a Docker engine (installed and started when none answers and
-# this is root on Debian), and the sandbox image.
+# this is root on Debian; gVisor registered beside runc where it can be), and
+# the sandbox image.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,6 +20,7 @@ setup: $(STAMP)
 
 docker:
 	@scripts/ensure-docker
+	@scripts/ensure-gvisor
 
 image: setup docker
 	@$(VENV)/bin/legion image build

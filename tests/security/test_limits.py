@@ -800,3 +800,34 @@ async def test_runtime_with_larger_messages_carries_them(docker_ready: None) -> 
         result = await sandbox.run(f"'x' * {BIG}")
         assert result.error is None, result.error
         assert result.value == "x" * BIG
+
+
+# --- CPU quota -----------------------------------------------------------------
+
+
+async def test_cpu_quota_holds(
+    runtime: legion.SandboxRuntime, docker_client: docker.DockerClient
+) -> None:
+    limits = legion.SandboxLimits(cpus=0.5, timeout_seconds=30)
+    async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
+        container = sandbox.container_id
+        assert container is not None
+
+        def used() -> float:
+            stats = docker_client.api.stats(container, stream=False)
+            return float(stats["cpu_stats"]["cpu_usage"]["total_usage"]) / 1e9
+
+        before, started = used(), time.monotonic()
+        await run_ok(
+            sandbox,
+            "import multiprocessing, time\n"
+            "def spin():\n"
+            "    end = time.time() + 3\n"
+            "    while time.time() < end:\n"
+            "        pass\n"
+            "procs = [multiprocessing.Process(target=spin) for _ in range(2)]\n"
+            "[p.start() for p in procs]; [p.join() for p in procs]",
+        )
+        cores = (used() - before) / (time.monotonic() - started)
+    # Two spinning processes would use 2 cores; the quota holds them near 0.5.
+    assert cores < 0.75, f"{cores:.2f} cores used under a 0.5 quota"

@@ -129,7 +129,7 @@ class Connection:
         except (grpc.RpcError, ConnectionError, asyncio.InvalidStateError) as exc:
             reason = f"stream failed: {exc!r}"
         except asyncio.CancelledError:
-            reason = "the channel server stopped"
+            reason = "the stream was cancelled (the runner went away, or the channel stopped)"
             raise
         finally:
             writer.cancel()
