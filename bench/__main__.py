@@ -1,10 +1,31 @@
-"""`make bench`: how fast the sandbox path is, measured in one run on this machine.
+"""`make bench`: our sandbox against the sandboxes users would pick instead.
 
-Writes bench/results/<timestamp>.json and prints a table (p50/p90/p99, and
-ratios against a plain `docker run --rm` of the same image measured in the
-same run). `--smoke` runs a few iterations of each, for the test suite.
+Measured in one run on this machine, all with the same snippet
+(`print(1 + 1)`, which must print 2):
 
-    python -m bench [--smoke] [--out DIR]
+- ours: a warm exec in an open `legion.Sandbox`, exec with tool calls, a pool
+  acquire, a cold start to the first result, idle memory;
+- `docker run --rm --network none <image> python3 -c ...`, the floor of a
+  container per execution;
+- the peers (bench/peers.py): llm-sandbox, AutoGen's
+  DockerCommandLineCodeExecutor and smolagents' DockerExecutor, each with a
+  session per execution (default stop and SIGKILL stop) and many executions in
+  one session. They run in their own virtualenv, bench/.venv-peers, from
+  images built offline from our base image (bench/peer_setup.py builds both
+  when missing or outdated; the first time takes a few minutes).
+
+Prints a table (n, p50/p90/p99, and each p50 over our warm exec's p50), the
+goal check (our warm exec at least 50x faster than every peer's fastest
+mode), the peers' versions and why any peer could not run; writes all of it
+to bench/results/<timestamp>.json.
+
+`--smoke` (the test suite's mode) runs a few iterations of our measures and
+the docker run baseline only, in well under a minute; add `--peers` to also
+run one or a few iterations of each peer (without the 10 s default-stop
+modes; it builds the peers' venv and images first if needed, which makes the
+first such run slower). `--no-peers` skips the peers in a full run.
+
+    python -m bench [--smoke] [--peers | --no-peers] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,35 +34,72 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import platform
-import statistics
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import docker
 
 import legion
 
+from . import peer_setup
+from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary
+
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+GOAL_FACTOR = 50.0
+PEER_TIMEOUT_S = 1200
+BUSY_SHARE = 0.25  # CPU share busy just before we measure, above which the table warns
+
+# Which peer each measure belongs to, for the goal check (its fastest mode).
+PEER_GROUPS = {
+    "docker_run_rm_baseline": "docker run --rm",
+    "llm-sandbox": "llm-sandbox",
+    "autogen": "AutoGen",
+    "smolagents": "smolagents",
+}
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
+NOTES = """\
+modes: "per run" is a new session/executor for each execution, with its set-up,
+execute and tear-down phases on the rows below it; "in session" is many executions
+in one open session. "default stop" is what users get: those containers' PID 1
+ignores SIGTERM, so stopping one waits Docker's full 10 s grace.
+networks: ours, docker run and llm-sandbox run with none; AutoGen on the default
+bridge (its executor takes no network option); smolagents on the bridge (the host
+reaches its Jupyter gateway through a port published on loopback)."""
 
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
-    return {
-        "n": len(ordered),
-        "p50_ms": pct(0.5) * 1e3,
-        "p90_ms": pct(0.9) * 1e3,
-        "p99_ms": pct(0.99) * 1e3,
-        "mean_ms": statistics.fmean(ordered) * 1e3,
-    }
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """The share of all CPUs busy over the next `seconds` (Linux), before we measure.
+
+    The load average would count our own set-up (pip, docker build) too.
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 async def _timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) -> list[float]:
@@ -64,7 +122,11 @@ async def bench_warm(runtime: legion.SandboxRuntime, n: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with legion.Sandbox(runtime=runtime, tools=[echo]) as sandbox:
 
-        async def trivial() -> None:
+        async def snippet() -> None:
+            result = await sandbox.run(SNIPPET)
+            assert result.stdout.strip() == EXPECTED_STDOUT, result
+
+        async def expression() -> None:
             assert (await sandbox.run("1 + 1")).value == 2
 
         async def tool_tiny() -> None:
@@ -75,14 +137,20 @@ async def bench_warm(runtime: legion.SandboxRuntime, n: int) -> dict[str, Any]:
         async def tool_1mib() -> None:
             assert (await sandbox.run("echo(big)")).value == 1024 * 1024
 
-        results["warm_exec"] = _summary(await _timed(n, trivial))
+        # The snippet every peer runs too: the basis of every ratio.
+        results["warm_exec"] = _summary(await _timed(n, snippet))
+        results["warm_exec_expression"] = _summary(await _timed(n, expression))
         tool = _summary(await _timed(n, tool_tiny))
-        # The tool call alone: a run with a call, less a run without.
-        tool["call_only_p50_ms"] = tool["p50_ms"] - results["warm_exec"]["p50_ms"]
+        # The tool call alone: a run with a call, less a run of a bare expression.
+        tool["call_only_p50_ms"] = tool["p50_ms"] - results["warm_exec_expression"]["p50_ms"]
         results["exec_with_tool_call"] = tool
         results["exec_with_tool_call_1mib"] = _summary(await _timed(max(3, n // 10), tool_1mib))
         results["idle_memory_mib"] = _container_memory_mib(sandbox.container_id)
     return results
+
+
+def _summary(samples: list[float]) -> dict[str, Any]:
+    return dict(summary(samples))
 
 
 def _container_memory_mib(container_id: str | None) -> float | None:
@@ -112,7 +180,8 @@ async def bench_cold(n: int) -> dict[str, Any]:
         for _ in range(n):
             start = time.perf_counter()
             async with legion.Sandbox(runtime=runtime) as sandbox:
-                assert (await sandbox.run("1")).value == 1
+                result = await sandbox.run(SNIPPET)
+                assert result.stdout.strip() == EXPECTED_STDOUT, result
                 samples.append(time.perf_counter() - start)
     return _summary(samples)
 
@@ -121,29 +190,158 @@ def bench_docker_run(n: int, image: str) -> dict[str, Any]:
     samples = []
     for _ in range(n):
         start = time.perf_counter()
-        subprocess.run(
-            ["docker", "run", "--rm", "--network", "none", image, "python3", "-c", "print(1 + 1)"],
+        run = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", image, "python3", "-c", SNIPPET],
             check=True,
             capture_output=True,
+            text=True,
         )
         samples.append(time.perf_counter() - start)
+        assert run.stdout.strip() == EXPECTED_STDOUT, run.stdout
     return _summary(samples)
 
 
+async def bench_ours(smoke: bool) -> tuple[dict[str, Any], str]:
+    n = 5 if smoke else 200
+    measures: dict[str, Any] = {}
+    async with legion.SandboxRuntime(pool_size=1) as runtime:
+        measures.update(await bench_warm(runtime, n))
+        image = runtime.image
+    measures["pool_acquire"] = await bench_pool_acquire(3 if smoke else 30)
+    measures["cold_start_to_first_result"] = await bench_cold(2 if smoke else 15)
+    measures["docker_run_rm_baseline"] = bench_docker_run(2 if smoke else 20, image)
+    return measures, image
+
+
+# --- the peers ----------------------------------------------------------------
+
+
+def prepare_peers() -> tuple[Path | None, dict[str, Any], dict[str, str]]:
+    """The peers' python, their images, and the peers that cannot run (with why)."""
+    blocked: dict[str, str] = {}
+    python: Path | None = None
+    try:
+        python = peer_setup.ensure_peers_venv()
+    except Exception as exc:
+        reason = f"installing bench/peers-requirements.txt failed: {exc}"
+        blocked = dict.fromkeys(("llm-sandbox", "autogen", "smolagents"), reason)
+    images = peer_setup.ensure_images()
+    for kind, peers in (("py", ("llm-sandbox", "autogen")), ("jupyter", ("smolagents",))):
+        if kind in images["errors"]:
+            for peer in peers:
+                reason = f"its image could not be built offline: {images['errors'][kind]}"
+                blocked.setdefault(peer, reason)
+    return python, images, blocked
+
+
+def run_peers(
+    python: Path, images: dict[str, Any], smoke: bool, peers: list[str]
+) -> dict[str, Any]:
+    tags = [images[k] for k in ("py", "py_sigkill", "jupyter") if k in images]
+    with tempfile.TemporaryDirectory(prefix="legion-bench-peers-") as tmp:
+        out = Path(tmp) / "peers.json"
+        cmd = [str(python), "-m", "bench.peers", "--images", json.dumps(images), "--out", str(out)]
+        cmd += [f"--only={peer}" for peer in peers]
+        if smoke:
+            cmd.append("--smoke")
+        # The peers' own output (some print) goes to stderr, beside the progress.
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=sys.stderr)
+        try:
+            code = child.wait(timeout=PEER_TIMEOUT_S)
+        except BaseException:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        finally:
+            left = remove_peer_containers(tags)
+            if left:
+                say(f"removed peer containers left behind: {', '.join(left)}")
+        if code != 0 or not out.exists():
+            raise RuntimeError(f"bench.peers exited with status {code} (see its output above)")
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def bench_peers(
+    smoke: bool, python: Path | None, images: dict[str, Any], blocked: dict[str, str]
+) -> dict[str, Any]:
+    wanted = [p for p in ("llm-sandbox", "autogen", "smolagents") if p not in blocked]
+    results: dict[str, Any] = {"measures": {}, "versions": {}, "unavailable": {}}
+    if python is not None and wanted:
+        say(f"measuring the peers: {', '.join(wanted)}...")
+        try:
+            results = run_peers(python, images, smoke, wanted)
+        except Exception as exc:
+            blocked = {**blocked, **dict.fromkeys(wanted, str(exc))}
+    results["unavailable"] = {**blocked, **results.get("unavailable", {})}
+    results["images"] = {
+        k: images[k] for k in ("base", "py", "py_sigkill", "jupyter") if k in images
+    }
+    results["image_versions"] = images.get("versions", {})
+    return results
+
+
+# --- report -------------------------------------------------------------------
+
+
+def _group(name: str) -> str | None:
+    for prefix, group in PEER_GROUPS.items():
+        if name.startswith(prefix):
+            return group
+    return None
+
+
+def goal_check(measures: dict[str, Any], peer_measures: dict[str, Any]) -> dict[str, Any]:
+    """Each peer's fastest mode (p50) over our warm exec (p50), against the goal."""
+    warm = measures["warm_exec"]["p50_ms"]
+    fastest: dict[str, tuple[str, float]] = {}
+    candidates = {"docker_run_rm_baseline": measures["docker_run_rm_baseline"], **peer_measures}
+    for name, value in candidates.items():
+        group = _group(name)
+        if group and (group not in fastest or value["p50_ms"] < fastest[group][1]):
+            fastest[group] = (name, value["p50_ms"])
+    return {
+        group: {
+            "fastest_mode": name,
+            "p50_ms": p50,
+            "times_our_warm_exec": p50 / warm,
+            "goal": GOAL_FACTOR,
+            "met": p50 / warm >= GOAL_FACTOR,
+        }
+        for group, (name, p50) in fastest.items()
+    }
+
+
+def _row(name: str, value: dict[str, Any], warm: float) -> tuple[str, ...]:
+    return (
+        name,
+        str(value["n"]),
+        f"{value['p50_ms']:.2f}",
+        f"{value['p90_ms']:.2f}",
+        f"{value['p99_ms']:.2f}",
+        _ratio(value["p50_ms"] / warm),
+    )
+
+
+def _ratio(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
 def _table(results: dict[str, Any]) -> str:
-    rows = [("measure", "n", "p50 ms", "p90 ms", "p99 ms")]
-    for name, value in results["measures"].items():
-        if isinstance(value, dict):
-            rows.append(
-                (
-                    name,
-                    str(value["n"]),
-                    f"{value['p50_ms']:.2f}",
-                    f"{value['p90_ms']:.2f}",
-                    f"{value['p99_ms']:.2f}",
-                )
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    measures = results["measures"]
+    warm = measures["warm_exec"]["p50_ms"]
+    rows: list[tuple[str, ...]] = [("measure", "n", "p50 ms", "p90 ms", "p99 ms", "p50/warm")]
+    rows += [_row(k, v, warm) for k, v in measures.items() if isinstance(v, dict) and "n" in v]
+    peers = results.get("peers", {})
+    for name, value in peers.get("measures", {}).items():
+        rows.append(_row(name, value, warm))
+        for phase, sub in value.get("phases", {}).items():
+            rows.append(_row(f"  {phase}", sub, warm))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w)
@@ -153,47 +351,116 @@ def _table(results: dict[str, Any]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append(f"idle sandbox memory: {results['measures']['idle_memory_mib']} MiB")
+    lines.append(f"same snippet everywhere: {SNIPPET!r} (prints {EXPECTED_STDOUT})")
+    lines.append(f"idle sandbox memory: {measures['idle_memory_mib']} MiB")
     for name, ratio in results["ratios"].items():
         lines.append(f"{name}: {ratio:.0f}x")
+    if "goal" in results:
+        lines.append("")
+        lines.append(f"goal: our warm exec at least {GOAL_FACTOR:.0f}x faster than each peer's")
+        lines.append("fastest mode (p50):")
+        for group, check in results["goal"].items():
+            verdict = "met" if check["met"] else "NOT met"
+            lines.append(
+                f"  {group}: {check['fastest_mode']} {check['p50_ms']:.1f} ms = "
+                f"{check['times_our_warm_exec']:.0f}x ours: {verdict}"
+            )
+    if peers:
+        lines.append("")
+        lines.append(NOTES)
+        lines.append("")
+        versions = ", ".join(f"{k} {v}" for k, v in peers.get("versions", {}).items())
+        lines.append(f"peer versions: {versions}")
+        images = peers.get("image_versions") or {}
+        if images:
+            lines.append(
+                "in the smolagents image: " + ", ".join(f"{k} {v}" for k, v in images.items())
+            )
+        for peer, reason in peers.get("unavailable", {}).items():
+            lines.append(f"could not run {peer}: {reason}")
+    busy = results["machine"]["cpu_busy_before"]
+    if busy is not None and busy > BUSY_SHARE:
+        lines.append("")
+        lines.append(f"note: {busy:.0%} of the CPUs were busy with other work just before we")
+        lines.append("measured, so these numbers are noisier than on an idle machine.")
+    durations = results.get("durations_s", {})
+    if durations:
+        lines.append("")
+        lines.append("took: " + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items()))
     return "\n".join(lines)
 
 
-async def main_async(smoke: bool) -> dict[str, Any]:
-    n = 5 if smoke else 200
-    measures: dict[str, Any] = {}
-    async with legion.SandboxRuntime(pool_size=1) as runtime:
-        measures.update(await bench_warm(runtime, n))
-        image = runtime.image
-    measures["pool_acquire"] = await bench_pool_acquire(3 if smoke else 30)
-    measures["cold_start_to_first_result"] = await bench_cold(2 if smoke else 15)
-    measures["docker_run_rm_baseline"] = bench_docker_run(2 if smoke else 10, image)
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="a few iterations of each")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the peers too (default: yes, except with --smoke)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON")
+    args = parser.parse_args(argv)
+    with_peers = (not args.smoke) if args.peers is None else args.peers
+    # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the peers' process
+    # is stopped and their containers removed (run_peers), ours by legion.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    began = time.perf_counter()
+    durations: dict[str, float] = {}
+    peers: dict[str, Any] = {}
+    if with_peers:
+        # Set-up first (it can take minutes), so nothing builds while we measure.
+        say("preparing the peers (their venv and images; built only when missing or outdated)...")
+        python, images, blocked = prepare_peers()
+        durations["peer set-up"] = time.perf_counter() - began
+    length = "well under a minute" if args.smoke else "a few minutes"
+    say(f"measuring our sandbox (the {'smoke' if args.smoke else 'full'} run takes {length})...")
+    busy_before = cpu_busy()
+    start = time.perf_counter()
+    measures, image = asyncio.run(bench_ours(args.smoke))
+    durations["ours"] = time.perf_counter() - start
+    if with_peers:
+        start = time.perf_counter()
+        peers = bench_peers(args.smoke, python, images, blocked)
+        durations["peers"] = time.perf_counter() - start
+    durations["total"] = time.perf_counter() - began
     baseline = measures["docker_run_rm_baseline"]["p50_ms"]
-    return {
+    warm = measures["warm_exec"]["p50_ms"]
+    results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
+            "cpu_busy_before": busy_before,
+            "load_average_after": os.getloadavg(),
             "docker": docker.from_env().version().get("Version"),
         },
+        "legion": legion.__version__,
         "image": image,
-        "smoke": smoke,
+        "snippet": SNIPPET,
+        "smoke": args.smoke,
         "measures": measures,
         "ratios": {
-            "docker run --rm / warm exec (p50)": baseline / measures["warm_exec"]["p50_ms"],
+            "docker run --rm / warm exec (p50)": baseline / warm,
             "docker run --rm / cold start (p50)": baseline
             / measures["cold_start_to_first_result"]["p50_ms"],
         },
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="a few iterations of each")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON")
-    args = parser.parse_args(argv)
-    print("bench: measuring (the full run takes about a minute)...", file=sys.stderr)
-    results = asyncio.run(main_async(args.smoke))
+    if with_peers:
+        peers["ratios_vs_warm_exec_p50"] = {
+            name: value["p50_ms"] / warm for name, value in peers["measures"].items()
+        }
+        results["peers"] = peers
+        results["goal"] = goal_check(measures, peers["measures"])
+    results["durations_s"] = {k: round(v, 1) for k, v in durations.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"{stamp}{'-smoke' if args.smoke else ''}.json"
