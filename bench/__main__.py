@@ -50,7 +50,7 @@ import docker
 
 import legion
 
-from . import peer_setup
+from . import peer_setup, scaling
 from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +207,9 @@ async def bench_ours(smoke: bool) -> tuple[dict[str, Any], str]:
     async with legion.SandboxRuntime(pool_size=1) as runtime:
         measures.update(await bench_warm(runtime, n))
         image = runtime.image
+        scaled, rates = await scaling.measure(runtime, smoke)
+    measures.update(scaled)
+    measures["rates"] = rates
     measures["pool_acquire"] = await bench_pool_acquire(3 if smoke else 30)
     measures["cold_start_to_first_result"] = await bench_cold(2 if smoke else 15)
     measures["docker_run_rm_baseline"] = bench_docker_run(2 if smoke else 20, image)
@@ -353,6 +356,8 @@ def _table(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"same snippet everywhere: {SNIPPET!r} (prints {EXPECTED_STDOUT})")
     lines.append(f"idle sandbox memory: {measures['idle_memory_mib']} MiB")
+    for name, rate in measures.get("rates", {}).items():
+        lines.append(f"{name}: {rate:.2f}")
     for name, ratio in results["ratios"].items():
         lines.append(f"{name}: {ratio:.0f}x")
     if "goal" in results:
