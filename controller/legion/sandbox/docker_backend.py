@@ -90,6 +90,7 @@ class DockerBackend:
         self.runtime_id = runtime_id
         self.owner = owner_id()
         self._client = client
+        self._owns_client = client is None
 
     @property
     def client(self) -> Any:
@@ -247,6 +248,12 @@ class DockerBackend:
         if removed:
             log.info("sandbox_orphans_removed", count=removed)
         return removed
+
+    def close(self) -> None:
+        """Close the engine connections, if this backend opened them."""
+        if self._owns_client and self._client is not None:
+            self._client.close()
+            self._client = None
 
     def remove_all_sync(self) -> None:
         """Remove every container of this runtime, without an event loop (atexit)."""

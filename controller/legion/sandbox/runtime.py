@@ -156,6 +156,7 @@ class SandboxRuntime:
             await self._channel.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+        self.backend.close()
         _live_runtimes.discard(self)
         self._state = "closed"
 

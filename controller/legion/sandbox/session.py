@@ -145,6 +145,7 @@ class Sandbox:
         self._execution: _Execution | None = None
         self._dispatcher: ToolDispatcher | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._removals: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -193,13 +194,12 @@ class Sandbox:
         await self.close()
 
     async def close(self) -> None:
-        """Remove the container. Idempotent."""
+        """Remove the container (and any this Sandbox gave up). Idempotent."""
         self._closed = True
-        for task in list(self._calls):
-            task.cancel()
-        lease, self._lease = self._lease, None
-        if lease is not None and self._runtime is not None:
-            await self._runtime.release(lease)
+        if self._lease is not None:
+            self._drop(self._lease)
+        if self._removals:
+            await asyncio.gather(*list(self._removals), return_exceptions=True)
 
     # running code ------------------------------------------------------------
 
@@ -265,6 +265,15 @@ class Sandbox:
                 return await self._timed_out(lease, execution, timeout)
             except _ChannelLost as lost:
                 raise await self._crashed(lease, execution, str(lost)) from None
+            except asyncio.CancelledError:
+                # The caller gave up: the code must not run on, and the next
+                # run must not queue behind it. Like a timeout, without the
+                # grace wait (nothing may be awaited while cancelled).
+                lease.connection.send(
+                    pb.ControllerMessage(cancel=pb.Cancel(exec_id=execution.exec_id))
+                )
+                self._drop(lease)
+                raise
             finally:
                 self._execution = None
             return self._result(execution, result)
@@ -341,13 +350,23 @@ class Sandbox:
             stderr=stderr,
         )
 
-    async def _discard(self, lease: Lease) -> None:
+    def _drop(self, lease: Lease) -> asyncio.Task[None] | None:
+        """Stop using ``lease``: cancel its tool calls, remove its container."""
         if self._lease is lease:
             self._lease = None
         for task in list(self._calls):
             task.cancel()
-        if self._runtime is not None:
-            await self._runtime.release(lease)
+        if self._runtime is None:
+            return None
+        removal = self._runtime.release(lease)
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        return removal
+
+    async def _discard(self, lease: Lease) -> None:
+        removal = self._drop(lease)
+        if removal is not None:
+            await removal
 
     # messages from the runner ------------------------------------------------
 
