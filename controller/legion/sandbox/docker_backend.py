@@ -224,8 +224,9 @@ class DockerBackend:
 
         await self._call("removing a sandbox container", remove)
 
-    def list_ids(self, *, runtime_only: bool = True) -> list[str]:
-        label = f"{LABEL}={self.runtime_id}" if runtime_only else LABEL
+    def list_ids(self) -> list[str]:
+        """Ids of every container of this runtime, running or not."""
+        label = f"{LABEL}={self.runtime_id}"
         return [c["Id"] for c in self.client.api.containers(all=True, filters={"label": label})]
 
     async def reap_orphans(self) -> int:
