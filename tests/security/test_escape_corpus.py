@@ -460,3 +460,34 @@ async def test_killing_init(runtime_name: str, runtime: legion.SandboxRuntime) -
             assert after.value == 1
         else:
             assert after.error is not None and after.error.type == "NameError"
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        # The result is encoded inside the run's time, so a repr that never
+        # returns is the code's own timeout.
+        (
+            "repr_never_returns",
+            "class Stuck:\n    def __repr__(self):\n        while True:\n            pass\nStuck()",
+        ),
+        # A finaliser that spins after the run that made it: the next run is
+        # blocked behind it, times out, and gets a fresh sandbox.
+        (
+            "del_spins",
+            "class Spinner:\n    def __del__(self):\n        while True:\n            pass\n"
+            "Spinner()\nNone",
+        ),
+    ],
+)
+async def test_hostile_values_end_in_a_timeout_and_a_fresh_sandbox(
+    runtime_name: str, runtime: legion.SandboxRuntime, name: str, code: str
+) -> None:
+    limits = _limits(runtime_name).replace(timeout_seconds=2)
+    async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
+        await sandbox.run("kept = 1")
+        first = await sandbox.run(code)
+        result = first if first.timed_out else await sandbox.run("'next'")
+        assert result.timed_out, (name, first, result)
+        after = await sandbox.run("kept")
+        assert after.error is not None and after.error.type == "NameError"  # fresh sandbox
