@@ -158,9 +158,10 @@ async def measure(
     measures.update(
         await exec_vs_concurrency((1, 4) if smoke else (1, 4, 16, 64), 2 if smoke else 10)
     )
-    measures["agent_iteration_1_agent"] = await agent_loop_overhead(1, 3 if smoke else 20)
+    # Enough steps, even in the smoke run, for the difference to stand above noise.
+    measures["agent_iteration_1_agent"] = await agent_loop_overhead(1, 12 if smoke else 20)
     measures["agent_iteration_20_agents"] = await agent_loop_overhead(
-        2 if smoke else 20, 3 if smoke else 10
+        2 if smoke else 20, 8 if smoke else 10
     )
     rates = {
         "single-use sandboxes per second": await single_use_per_second(4 if smoke else 40),
