@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import docker
 import pytest
@@ -103,3 +104,27 @@ def test_image_build_skips_an_existing_image(docker_ready: None) -> None:
     assert built.returncode == 0, built.stderr
     assert f"{legion.sandbox.image.image_tag()} is up to date" in built.stderr
     assert "building" not in built.stderr
+
+
+async def test_socket_dirs_of_dead_controllers_are_removed_at_start(
+    docker_ready: None, tmp_path: Path
+) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f"legion-{dead.stdout.strip()}-abc123"
+    stale.mkdir()
+    (stale / "legion.sock").touch()
+    mine = tmp_path / f"legion-{os.getpid()}-live"
+    mine.mkdir()
+    unrelated = tmp_path / f"legion-{dead.stdout.strip()}-notours"
+    unrelated.mkdir()
+    (unrelated / "data.txt").write_text("keep")
+    async with legion.SandboxRuntime(pool_size=0, socket_dir=tmp_path) as runtime:
+        assert runtime._dir is not None
+        assert runtime._dir.name.startswith(f"legion-{os.getpid()}-")
+    assert not stale.exists()
+    assert mine.exists() and unrelated.exists()

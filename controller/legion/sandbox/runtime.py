@@ -115,7 +115,11 @@ class SandboxRuntime:
                 raise SandboxError("this SandboxRuntime is closed")
             await self.backend.check()
             await self.backend.reap_orphans()
-            self._dir = Path(tempfile.mkdtemp(prefix="legion-", dir=self._socket_parent))
+            parent = Path(self._socket_parent or tempfile.gettempdir())
+            _reap_socket_dirs(parent)
+            # The owner's pid in the name: a later runtime removes the
+            # directories of controllers that died without cleaning up.
+            self._dir = Path(tempfile.mkdtemp(prefix=f"legion-{os.getpid()}-", dir=parent))
             self._dir.chmod(0o755)  # the container's unprivileged user must reach the socket
             self._channel = ChannelServer(
                 self._dir, max_message_bytes=self.limits.max_message_bytes
@@ -343,6 +347,22 @@ class SandboxRuntime:
                 waiter.set_exception(SandboxStartError(str(outcome)))
             return True
         return False
+
+
+def _reap_socket_dirs(parent: Path) -> None:
+    """Remove ``legion-<pid>-*`` socket directories whose process is gone."""
+    for path in parent.glob("legion-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            # Only ever a socket in there; anything else is not ours to delete.
+            if {p.name for p in path.iterdir()} <= {"legion.sock"}:
+                shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 # --- the default runtime, one per event loop -----------------------------------
