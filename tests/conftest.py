@@ -48,6 +48,18 @@ def docker_client(docker_ready: None) -> docker.DockerClient:
 
 
 @pytest.fixture(scope="session")
+def gvisor_ready(docker_client: docker.DockerClient) -> None:
+    """runsc registered with the engine (scripts/ensure-gvisor); skips without
+    it, or fails under LEGION_REQUIRE_DOCKER=1 (CI)."""
+    if "runsc" in docker_client.info().get("Runtimes", {}):
+        return
+    problem = "runsc is not registered with the Docker engine; run scripts/ensure-gvisor"
+    if REQUIRE_DOCKER:
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
 async def runtime(docker_ready: None) -> AsyncIterator[legion.SandboxRuntime]:
     """One runtime with a warm pool, shared by the whole session."""
     async with legion.SandboxRuntime(pool_size=2) as rt:

@@ -13,7 +13,6 @@ is that the sandbox still answers.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -366,13 +365,10 @@ def ping(text: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["runc", "runsc"])
-def runtime_name(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -> str:
+def runtime_name(request: pytest.FixtureRequest) -> str:
     name: str = request.param
-    if name == "runsc" and "runsc" not in docker_client.info().get("Runtimes", {}):
-        problem = "runsc is not registered with the Docker engine; run scripts/ensure-gvisor"
-        if os.environ.get("LEGION_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem, pytrace=False)
-        pytest.skip(problem)
+    if name == "runsc":
+        request.getfixturevalue("gvisor_ready")
     return name
 
 

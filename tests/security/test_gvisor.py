@@ -10,7 +10,6 @@ which makes that a failure.
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -27,13 +26,8 @@ GVISOR = legion.SandboxLimits(runtime="runsc", timeout_seconds=30)
 
 
 @pytest.fixture(scope="module")
-def gvisor(docker_client: docker.DockerClient) -> None:
-    if "runsc" in docker_client.info().get("Runtimes", {}):
-        return
-    problem = "runsc is not registered with the Docker engine; run scripts/ensure-gvisor"
-    if os.environ.get("LEGION_REQUIRE_DOCKER") == "1":
-        pytest.fail(problem, pytrace=False)
-    pytest.skip(problem)
+def gvisor(gvisor_ready: None) -> None:
+    """Shorthand for the shared gvisor_ready fixture."""
 
 
 def ping(text: str) -> str:
