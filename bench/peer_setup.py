@@ -36,7 +36,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from legion.sandbox.image import choose_base
+from legion.sandbox.image import choose_base, docker_build
 
 from .common import PEER_NAME_PREFIX
 
@@ -170,26 +170,14 @@ def _build(
         (ctx / "Dockerfile").write_text(dockerfile)
         if wheels is not None:
             shutil.copytree(wheels, ctx / "wheels")
-        tail: list[str] = []
-        for chunk in client.api.build(
-            path=str(ctx),
+        docker_build(
+            client,
+            ctx,
             tag=tag,
-            buildargs={"BASE_IMAGE": base},
-            rm=True,
-            forcerm=True,
-            decode=True,
+            base=base,
             labels={LABEL: "peer-image"},
-        ):
-            if "error" in chunk:
-                output = "\n".join(tail[-25:])
-                raise RuntimeError(
-                    f"docker build of {tag} failed: {chunk['error'].strip()}\n{output}"
-                )
-            line = str(chunk.get("stream", "")).strip()
-            if line.startswith("Step "):
-                progress(f"  {tag}: {line}")
-            elif line:
-                tail.append(line)
+            progress=lambda line: progress(f"  {tag}: {line}"),
+        )
 
 
 def _drop_stale(client: Any, kind: str, keep: str, progress: Progress) -> None:

@@ -10,7 +10,6 @@ which makes that a failure.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import AsyncIterator
 
 import docker
@@ -18,6 +17,7 @@ import pytest
 
 import legion
 
+from .support import cores_used_spinning
 from .test_kernel_surface import PROBES
 
 pytestmark = pytest.mark.docker
@@ -149,25 +149,7 @@ async def test_cpu_quota_holds(
 ) -> None:
     limits = GVISOR.replace(cpus=0.5)
     async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
-        container = sandbox.container_id
-        assert container is not None
-
-        def used() -> float:
-            stats = docker_client.api.stats(container, stream=False)
-            return float(stats["cpu_stats"]["cpu_usage"]["total_usage"]) / 1e9
-
-        before, started = used(), time.monotonic()
-        result = await sandbox.run(
-            "import multiprocessing, time\n"
-            "def spin():\n"
-            "    end = time.time() + 3\n"
-            "    while time.time() < end:\n"
-            "        pass\n"
-            "procs = [multiprocessing.Process(target=spin) for _ in range(2)]\n"
-            "[p.start() for p in procs]; [p.join() for p in procs]"
-        )
-        assert result.ok, result.error
-        cores = (used() - before) / (time.monotonic() - started)
+        cores = await cores_used_spinning(sandbox, docker_client)
     # Two spinning processes would use 2 cores; the quota holds them near 0.5.
     assert cores < 0.75, f"{cores:.2f} cores used under a 0.5 quota"
 

@@ -28,6 +28,8 @@ import pytest
 
 import legion
 
+from .support import cores_used_spinning
+
 pytestmark = pytest.mark.docker
 
 MiB = 1024 * 1024
@@ -810,24 +812,6 @@ async def test_cpu_quota_holds(
 ) -> None:
     limits = legion.SandboxLimits(cpus=0.5, timeout_seconds=30)
     async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
-        container = sandbox.container_id
-        assert container is not None
-
-        def used() -> float:
-            stats = docker_client.api.stats(container, stream=False)
-            return float(stats["cpu_stats"]["cpu_usage"]["total_usage"]) / 1e9
-
-        before, started = used(), time.monotonic()
-        await run_ok(
-            sandbox,
-            "import multiprocessing, time\n"
-            "def spin():\n"
-            "    end = time.time() + 3\n"
-            "    while time.time() < end:\n"
-            "        pass\n"
-            "procs = [multiprocessing.Process(target=spin) for _ in range(2)]\n"
-            "[p.start() for p in procs]; [p.join() for p in procs]",
-        )
-        cores = (used() - before) / (time.monotonic() - started)
+        cores = await cores_used_spinning(sandbox, docker_client)
     # Two spinning processes would use 2 cores; the quota holds them near 0.5.
     assert cores < 0.75, f"{cores:.2f} cores used under a 0.5 quota"

@@ -167,6 +167,38 @@ def _download_wheels(requirements: Path, dest: Path, progress: Progress) -> None
         raise BackendError(f"pip download of the runner's wheels failed:\n{result.stderr[-2000:]}")
 
 
+def docker_build(
+    client: Any,
+    context: Path,
+    *,
+    tag: str,
+    base: str,
+    labels: dict[str, str],
+    progress: Progress = _say,
+) -> None:
+    """``docker build`` of ``context`` (BASE_IMAGE=``base``) with the classic
+    builder, reporting each step; a failure raises BackendError with the tail of
+    the build's output."""
+    tail: list[str] = []
+    for chunk in client.api.build(
+        path=str(context),
+        tag=tag,
+        buildargs={"BASE_IMAGE": base},
+        rm=True,
+        forcerm=True,
+        decode=True,
+        labels=labels,
+    ):
+        if "error" in chunk:
+            output = "\n".join(tail[-25:])
+            raise BackendError(f"docker build of {tag} failed: {chunk['error'].strip()}\n{output}")
+        line = str(chunk.get("stream", "")).strip()
+        if line.startswith("Step "):
+            progress(line)
+        elif line:
+            tail.append(line)
+
+
 def build(*, force: bool = False, progress: Progress = _say) -> str:
     """Build the sandbox image unless an image for this runner exists. Returns its tag."""
     client = _client()
@@ -184,24 +216,9 @@ def build(*, force: bool = False, progress: Progress = _say) -> str:
         shutil.copy(src / "requirements.txt", wheels / "requirements.txt")
         _download_wheels(src / "requirements.txt", wheels, progress)
         progress(f"building {tag} from {base}...")
-        tail: list[str] = []
-        for chunk in client.api.build(
-            path=str(ctx),
-            tag=tag,
-            buildargs={"BASE_IMAGE": base},
-            rm=True,
-            forcerm=True,
-            decode=True,
-            labels={"legion.image": "sandbox"},
-        ):
-            if "error" in chunk:
-                output = "\n".join(tail[-25:])
-                raise BackendError(f"docker build failed: {chunk['error'].strip()}\n{output}")
-            line = str(chunk.get("stream", "")).strip()
-            if line.startswith("Step "):
-                progress(line)
-            elif line:
-                tail.append(line)
+        docker_build(
+            client, ctx, tag=tag, base=base, labels={"legion.image": "sandbox"}, progress=progress
+        )
     client.images.get(tag).tag(REPOSITORY, "latest")
     progress(f"built {tag}")
     return tag
