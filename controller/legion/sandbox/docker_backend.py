@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.utils
 from docker.types import Ulimit
 
 from .._log import get_logger
@@ -80,6 +81,19 @@ def _translate(exc: Exception, what: str) -> Exception:
             f"(`make docker` or scripts/ensure-docker) and try again."
         )
     return exc
+
+
+def memory_from_stats(stats: dict[str, Any]) -> int | None:
+    """Memory in use from a stats answer, less the page cache the kernel can
+    drop (inactive files), as the docker CLI shows it. None when not running."""
+    memory = stats.get("memory_stats") or {}
+    usage = memory.get("usage")
+    if not isinstance(usage, int):
+        return None
+    detail = memory.get("stats") or {}
+    # cgroup v1 reports total_inactive_file, v2 inactive_file.
+    inactive = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+    return usage - inactive if isinstance(inactive, int) and inactive < usage else usage
 
 
 class DockerBackend:
@@ -202,6 +216,26 @@ class DockerBackend:
             error=state.get("Error", ""),
         )
 
+    async def memory_usage(self, container_id: str) -> int | None:
+        """Bytes of memory the container uses now, counted as ``docker stats``
+        counts them; None when it is gone. One non-streaming stats call."""
+        api = self.client.api
+        # Without one-shot the engine waits for a second sample (CPU figures).
+        one_shot = None if docker.utils.version_lt(api.api_version, "1.41") else True
+
+        def stats() -> dict[str, Any]:
+            try:
+                answer: dict[str, Any] = api.stats(container_id, stream=False, one_shot=one_shot)
+            except ValueError:  # an empty body: the container stopped as it was asked
+                return {}
+            return answer
+
+        try:
+            found = await self._call("reading a sandbox container's stats", stats)
+        except BackendError:  # gone
+            return None
+        return memory_from_stats(found)
+
     async def wait_stopped(self, container_id: str, timeout: float = 5.0) -> ContainerState | None:
         deadline = time.monotonic() + timeout
         while True:
@@ -228,6 +262,16 @@ class DockerBackend:
         """Ids of every container of this runtime, running or not."""
         label = f"{LABEL}={self.runtime_id}"
         return [c["Id"] for c in self.client.api.containers(all=True, filters={"label": label})]
+
+    async def all_sandboxes(self) -> list[dict[str, Any]]:
+        """The engine's summaries of every Legion container, of any controller."""
+        containers: list[dict[str, Any]] = await self._call(
+            "listing sandbox containers",
+            self.client.api.containers,
+            all=True,
+            filters={"label": LABEL},
+        )
+        return containers
 
     async def reap_orphans(self) -> int:
         """Remove containers whose controller process is gone. Returns how many."""

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import telemetry
 from .._log import get_logger
 from ..config import SandboxLimits
 from ..errors import SandboxError, SandboxStartError, UsageError
 from . import image as _image
 from .channel import ChannelServer, Connection
-from .docker_backend import DockerBackend
+from .docker_backend import LABEL, OWNER_LABEL, DockerBackend, owner_alive
 
 log = get_logger("legion.sandbox.runtime")
 
@@ -44,6 +45,50 @@ class Lease:
     connection: Connection
     limits: SandboxLimits
     started_at: float
+    """``time.monotonic()`` when the runner said Hello."""
+    in_use: bool = False
+    """Handed to a Sandbox (False while it waits in the warm pool)."""
+    run_id: str | None = None
+    """The run that was current when a Sandbox acquired it."""
+    agent: str | None = None
+    """The agent the acquiring Sandbox said it works for."""
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """One live container of a runtime, as :meth:`SandboxRuntime.sandboxes` sees it."""
+
+    container_id: str
+    run_id: str | None
+    """The run using it; None for a warm, unused one (or a Sandbox used outside any run)."""
+    agent: str | None
+    """The agent whose code runs in it, when its Sandbox was told."""
+    age_seconds: float
+    """Seconds since its runner said Hello."""
+    memory_bytes: int | None
+    """Memory in use, as ``docker stats`` counts it; None when not asked for, or unknown."""
+    in_use: bool
+    """Acquired by a Sandbox; False while it waits in the warm pool."""
+
+
+@dataclass(frozen=True)
+class HostSandbox:
+    """A Legion container on this machine's engine, of any controller (``legion ps``)."""
+
+    container_id: str
+    name: str
+    runtime_id: str
+    """The id of the SandboxRuntime that started it."""
+    owner: str
+    """``host/pid/start-ticks`` of the controller process that owns it."""
+    owner_pid: int | None
+    owner_alive: bool
+    """False: its controller died; the next runtime to start removes it."""
+    state: str
+    """The engine's word: running, exited, created..."""
+    age_seconds: float
+    """Seconds since the engine created it."""
+    memory_bytes: int | None
 
 
 def _env_pool_size() -> int:
@@ -100,6 +145,7 @@ class SandboxRuntime:
         self._pool_starts: set[asyncio.Task[None]] = set()
         self._waiters: deque[asyncio.Future[Lease]] = deque()
         self._containers: set[str] = set()
+        self._leases: dict[str, Lease] = {}  # said Hello, not yet released
         self._names = itertools.count(1)
         self._state = "new"
         self._start_lock = asyncio.Lock()
@@ -181,10 +227,47 @@ class SandboxRuntime:
         """Ids of the containers this runtime has started and not yet removed."""
         return frozenset(self._containers)
 
+    async def sandboxes(self, *, memory: bool = True) -> list[SandboxInfo]:
+        """The live containers whose runner is connected: in use by a Sandbox,
+        or waiting in the pool. With ``memory``, each one's memory is read
+        from the engine (one stats call per container, all at once); nothing
+        is measured unless this is called."""
+        now = time.monotonic()
+        leases = [lease for lease in self._leases.values() if lease.connection.is_open]
+        usage: list[int | None] = [None] * len(leases)
+        if memory and leases:
+            usage = await asyncio.gather(
+                *(self.backend.memory_usage(lease.container_id) for lease in leases)
+            )
+        return [
+            SandboxInfo(
+                container_id=lease.container_id,
+                run_id=lease.run_id,
+                agent=lease.agent,
+                age_seconds=now - lease.started_at,
+                memory_bytes=used,
+                in_use=lease.in_use,
+            )
+            for lease, used in zip(leases, usage, strict=True)
+        ]
+
     # containers ------------------------------------------------------------
 
-    async def acquire(self, limits: SandboxLimits | None = None) -> Lease:
-        """A ready container: from the pool when the limits match, else cold."""
+    async def acquire(
+        self, limits: SandboxLimits | None = None, *, agent: str | None = None
+    ) -> Lease:
+        """A ready container: from the pool when the limits match, else cold.
+
+        The lease records the current run (:func:`legion.telemetry.current_run`)
+        and ``agent``, for :meth:`sandboxes`.
+        """
+        lease = await self._acquire(limits)
+        lease.in_use = True
+        lease.run_id = telemetry.current_run()[0]
+        lease.agent = agent
+        return lease
+
+    async def _acquire(self, limits: SandboxLimits | None) -> Lease:
         if self._state != "started":
             await self.start()
         limits = limits or self.limits
@@ -223,17 +306,20 @@ class SandboxRuntime:
 
     def release(self, lease: Lease) -> asyncio.Task[None]:
         """Kill and remove a leased container in the background."""
+        self._leases.pop(lease.container_id, None)
         lease.connection.attach(None)
         lease.connection.close()
         return self._remove(lease.container_id)
 
     def _remove(self, container_id: str) -> asyncio.Task[None]:
         async def remove() -> None:
+            self._leases.pop(container_id, None)
             try:
                 await self.backend.remove(container_id)
             except SandboxError as exc:
+                # Kept in _containers: aclose tries again (the engine may be back by then).
                 log.warning("sandbox_remove_failed", container=container_id[:12], error=str(exc))
-            finally:
+            else:
                 self._containers.discard(container_id)
 
         task = asyncio.create_task(remove())
@@ -270,7 +356,10 @@ class SandboxRuntime:
             container=container_id[:12],
             ms=round((time.perf_counter() - begun) * 1000, 1),
         )
-        return Lease(container_id, connection, limits, time.monotonic())
+        lease = self._leases[container_id] = Lease(
+            container_id, connection, limits, time.monotonic()
+        )
+        return lease
 
     def _remove_if_created(self, creating: asyncio.Future[str]) -> None:
         if not creating.cancelled() and creating.exception() is None:
@@ -347,6 +436,44 @@ class SandboxRuntime:
                 waiter.set_exception(SandboxStartError(str(outcome)))
             return True
         return False
+
+
+async def host_sandboxes(*, memory: bool = True, docker_client: Any = None) -> list[HostSandbox]:
+    """Every Legion container on this machine's Docker engine, whichever
+    controller process started it (``legion ps`` without ``--remote``). With
+    ``memory``, running ones have their memory read (one stats call each, all
+    at once). Raises DockerUnavailable when no engine answers."""
+    backend = DockerBackend(image="", runtime_id="", client=docker_client)  # it only lists
+    try:
+        found = await backend.all_sandboxes()
+        running = [c["Id"] for c in found if c.get("State") == "running"]
+        usage: dict[str, int | None] = {}
+        if memory and running:
+            measured = await asyncio.gather(*(backend.memory_usage(cid) for cid in running))
+            usage = dict(zip(running, measured, strict=True))
+    finally:
+        backend.close()
+    now = time.time()
+    sandboxes = []
+    for c in found:
+        labels = c.get("Labels") or {}
+        owner = labels.get(OWNER_LABEL, "")
+        pid = owner.split("/")[1] if owner.count("/") == 2 else ""
+        names = c.get("Names") or [""]
+        sandboxes.append(
+            HostSandbox(
+                container_id=c["Id"],
+                name=names[0].lstrip("/"),
+                runtime_id=labels.get(LABEL, ""),
+                owner=owner,
+                owner_pid=int(pid) if pid.isdigit() else None,
+                owner_alive=owner_alive(owner),
+                state=c.get("State", ""),
+                age_seconds=max(0.0, now - c.get("Created", now)),
+                memory_bytes=usage.get(c["Id"]),
+            )
+        )
+    return sorted(sandboxes, key=lambda sandbox: sandbox.age_seconds)
 
 
 def _reap_socket_dirs(parent: Path) -> None:
