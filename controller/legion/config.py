@@ -41,6 +41,10 @@ class SandboxLimits:
     max_message_bytes: int = 4 * MiB
     """Largest payload one channel message may carry (a tool call's arguments, a
     tool's result, a run's value). Larger is an error, never a crash."""
+    max_snapshot_bytes: int = 8 * MiB
+    """Largest namespace snapshot (``Sandbox.snapshot``, compressed). Values are
+    left out, largest first, until it fits; a larger blob is refused by
+    ``Sandbox.restore``. Sent in pieces, so it may exceed ``max_message_bytes``."""
     nofile: int = 256
     """Open file descriptors per process (RLIMIT_NOFILE)."""
     fsize_mb: int = 16
@@ -74,6 +78,7 @@ class SandboxLimits:
             "shm_mb",
             "output_limit_bytes",
             "max_message_bytes",
+            "max_snapshot_bytes",
             "nofile",
             "fsize_mb",
             "start_timeout_seconds",
@@ -98,6 +103,8 @@ class SandboxLimits:
             )
         if self.max_message_bytes < 64 * 1024:
             raise UsageError("SandboxLimits.max_message_bytes must be at least 65536")
+        if self.max_snapshot_bytes < 4096:
+            raise UsageError("SandboxLimits.max_snapshot_bytes must be at least 4096")
         uid = self.user.split(":", 1)[0]
         if uid in ("0", "root", ""):
             raise UsageError(
@@ -157,6 +164,10 @@ class AgentConfig:
     """First retry's delay in seconds; doubles each time (a Retry-After header wins)."""
     sandbox_limits: SandboxLimits | None = None
     """Container limits for this agent's sandbox (None: the runtime's)."""
+    idle_timeout: float = 300.0
+    """Seconds a long-lived agent with ``conversation`` scope keeps its container
+    between turns; then its bindings are snapshotted and the container removed
+    (they are restored into a fresh one at the next turn)."""
 
     def __post_init__(self) -> None:
         for name in ("max_iterations", "max_message_length"):
@@ -165,7 +176,7 @@ class AgentConfig:
         for name in ("max_retries", "model_retries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UsageError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
-        for name in ("sandbox_timeout", "model_timeout"):
+        for name in ("sandbox_timeout", "model_timeout", "idle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -3,7 +3,9 @@
 It dials the controller over the read-only-mounted Unix socket, says Hello
 with its one-time token, then executes code in one persistent namespace, one
 Execute at a time, on a worker thread. The receiving thread stays free to
-deliver tool results and Cancel while code runs.
+deliver tool results and Cancel while code runs. Snapshots of the namespace
+and restores of one (legion_runner.snapshot) take their turn on the same
+worker thread, never beside code.
 
 Imports only the standard library, grpcio, protobuf and the generated stubs:
 the image stays small and offers sandbox code little to work with.
@@ -34,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from . import snapshot as _snapshot
 from ._proto import sandbox_pb2 as pb
 from ._proto import sandbox_pb2_grpc as pb_grpc
 
@@ -48,6 +51,8 @@ _RUNNER_DIR = os.path.dirname(os.path.abspath(__file__))
 # allowed message limit (64 KiB) and whatever the code raised.
 _MAX_ERROR_MESSAGE = 16 * 1024
 _MAX_TRACEBACK = 32 * 1024
+# Snapshot blobs cross the channel in pieces of at most this size.
+_SNAPSHOT_CHUNK = 1024 * 1024
 
 
 # --- errors raised inside sandbox code -------------------------------------
@@ -290,6 +295,26 @@ def _make_function(runner: Runner, tool: str, fn: pb.FunctionSpec) -> Callable[.
 # --- the runner --------------------------------------------------------------
 
 
+def _sandbox_helpers(stub: ToolStub, spec: pb.ToolSpec) -> dict[str, Any]:
+    """Run a tool's sandbox-side source with its functions in scope; the
+    public functions it defines join the tool (e.g. a pipeline that takes
+    callables, which cannot cross to the host)."""
+    if not spec.sandbox_source:
+        return {}
+    filename = f"<tool {spec.name}>"
+    source = spec.sandbox_source
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope: dict[str, Any] = {"__builtins__": builtins, "__name__": f"legion_tool_{spec.name}"}
+    scope.update({fn.name: getattr(stub, fn.name) for fn in spec.functions})
+    before = set(scope)
+    exec(compile(source, filename, "exec"), scope)
+    return {
+        name: value
+        for name, value in scope.items()
+        if name not in before and not name.startswith("_") and callable(value)
+    }
+
+
 def _strip_runner_frames(exc: BaseException) -> str:
     te = traceback.TracebackException.from_exception(exc, capture_locals=False)
     for part in _chain(te):
@@ -318,7 +343,11 @@ class Runner:
         self._pending: dict[str, _PendingCall] = {}
         self._lock = threading.Lock()
         self._tools: dict[str, Any] = {}
+        # id() of each tool stub and tool function -> (tool, function): a
+        # snapshot saves these as references to the tool, not as objects.
+        self._tool_refs: dict[int, tuple[str, ...]] = {}
         self._namespace: dict[str, Any] = {}
+        self._restoring: dict[str, bytearray] = {}
         self._current_exec = ""
         self._worker: threading.Thread | None = None
         self._cell = 0
@@ -365,8 +394,10 @@ class Runner:
                     self._resolve(message.tool_result)
                 elif kind == "cancel":
                     self._cancel(message.cancel.exec_id)
-                elif kind in ("execute", "define_tools"):
+                elif kind in ("execute", "define_tools", "snapshot"):
                     self._work.put(message)
+                elif kind == "restore":
+                    self._receive_restore(message.restore)
         except grpc.RpcError:
             pass  # the controller closed the stream: the sandbox is being torn down
         finally:
@@ -399,8 +430,13 @@ class Runner:
         while True:
             message = self._work.get()
             try:
-                if message.WhichOneof("kind") == "define_tools":
+                kind = message.WhichOneof("kind")
+                if kind == "define_tools":
                     self._define_tools(message.define_tools)
+                elif kind == "snapshot":
+                    self._snapshot(message.snapshot)
+                elif kind == "restore":
+                    self._restore(message.restore)
                 else:
                     self._execute(message.execute)
             except ExecutionCancelled:
@@ -413,6 +449,7 @@ class Runner:
 
     def _define_tools(self, message: pb.DefineTools) -> None:
         tools: dict[str, Any] = {}
+        refs: dict[int, tuple[str, ...]] = {}
         for spec in message.tools:
             if spec.is_function:
                 tools[spec.name] = _make_function(
@@ -424,12 +461,20 @@ class Runner:
                         doc=spec.doc,
                     ),
                 )
+                refs[id(tools[spec.name])] = ("tool", spec.name, "")
                 continue
             stub = ToolStub(spec.name, spec.doc)
+            refs[id(stub)] = ("tool", spec.name, "")
             for fn in spec.functions:
-                setattr(stub, fn.name, _make_function(self, spec.name, fn))
+                function = _make_function(self, spec.name, fn)
+                setattr(stub, fn.name, function)
+                refs[id(function)] = ("tool", spec.name, fn.name)
+            for name, helper in _sandbox_helpers(stub, spec).items():
+                setattr(stub, name, helper)
+                refs[id(helper)] = ("tool", spec.name, name)
             tools[spec.name] = stub
         self._tools = tools
+        self._tool_refs = refs
         self._namespace.update(tools)
 
     def _execute(self, request: pb.Execute) -> None:
@@ -458,9 +503,11 @@ class Runner:
             except BaseException as exc:  # SystemExit too: sandbox code must not end the runner
                 result.error.CopyFrom(
                     pb.ExecError(
-                        type=type(exc).__name__[:200],
-                        message=_cap(_message_of(exc), _MAX_ERROR_MESSAGE),
-                        traceback=_cap(_strip_runner_frames(exc), _MAX_TRACEBACK, keep_end=True),
+                        type=_snapshot.encodable(type(exc).__name__[:200]),
+                        message=_snapshot.encodable(_cap(_message_of(exc), _MAX_ERROR_MESSAGE)),
+                        traceback=_snapshot.encodable(
+                            _cap(_strip_runner_frames(exc), _MAX_TRACEBACK, keep_end=True)
+                        ),
                     )
                 )
             with self._lock:
@@ -503,6 +550,80 @@ class Runner:
                 f"slice) or print the parts you need."
             )
         return encoded
+
+    # snapshots -------------------------------------------------------------------
+
+    def _snapshot(self, request: pb.Snapshot) -> None:
+        error = ""
+        try:
+            saved = _snapshot.save(
+                self._namespace,
+                max_bytes=max(0, request.max_bytes),
+                exclude={**_CATEGORIES, **self._tools},
+                refs={**self._error_refs(), **self._tool_refs},
+            )
+        except BaseException as exc:  # sandbox code may have patched anything
+            saved = _snapshot.Saved(blob=b"")
+            error = _snapshot.clean(
+                f"the snapshot failed: {type(exc).__name__}: {_message_of(exc)}",
+                _snapshot.MAX_REASON,
+            )
+        for message in snapshot_messages(
+            request.request_id, saved, error, self._max_message - _ENVELOPE
+        ):
+            self.send(pb.RunnerMessage(snapshot_chunk=message))
+
+    def _receive_restore(self, piece: pb.Restore) -> None:
+        # On the receiving thread: gather the pieces, then queue the whole
+        # blob behind any code that is running.
+        buf = self._restoring.setdefault(piece.request_id, bytearray())
+        buf += piece.chunk
+        if piece.last:
+            blob = bytes(self._restoring.pop(piece.request_id))
+            whole = pb.Restore(request_id=piece.request_id, chunk=blob, last=True)
+            self._work.put(pb.ControllerMessage(restore=whole))
+
+    def _restore(self, request: pb.Restore) -> None:
+        try:
+            loaded = _snapshot.load(request.chunk, self._namespace, resolve=self._resolve_ref)
+        except _snapshot.SnapshotFormatError as exc:
+            loaded, error = _snapshot.Loaded(), str(exc)
+        except BaseException as exc:
+            loaded = _snapshot.Loaded()
+            error = _snapshot.clean(
+                f"the restore failed: {type(exc).__name__}: {_message_of(exc)}",
+                _snapshot.MAX_REASON,
+            )
+        else:
+            error = ""
+        for message in restore_messages(
+            request.request_id, loaded, error, self._max_message - _ENVELOPE
+        ):
+            self.send(pb.RunnerMessage(restore_result=message))
+
+    @staticmethod
+    def _error_refs() -> dict[int, tuple[str, ...]]:
+        # The error classes made for tools' exceptions live in no module:
+        # saved by name, made again on load.
+        return {id(cls): ("error", name) for name, cls in list(_error_classes.items())}
+
+    def _resolve_ref(self, reference: tuple[str, ...]) -> Any:
+        if len(reference) == 2 and reference[0] == "error":
+            return tool_error_class(reference[1])
+        if len(reference) == 3 and reference[0] == "tool":
+            _, tool, function = reference
+            stub = self._tools.get(tool)
+            if stub is None:
+                raise LookupError(f"it refers to the tool {tool}, which this sandbox does not have")
+            if not function:
+                return stub
+            found = getattr(stub, function, None)
+            if found is None:
+                raise LookupError(
+                    f"it refers to {tool}.{function}, which this sandbox does not have"
+                )
+            return found
+        raise LookupError(f"unknown runner reference {reference!r}")
 
     # tool calls ----------------------------------------------------------------
 
@@ -556,6 +677,62 @@ class Runner:
         if result.value.WhichOneof("kind") == "repr":
             return HostRepr(result.value.repr)
         return json.loads(result.value.json) if result.value.json else None
+
+
+def snapshot_messages(
+    request_id: str, saved: _snapshot.Saved, error: str, budget: int
+) -> Iterator[pb.SnapshotChunk]:
+    """A snapshot as channel messages of at most ``budget`` bytes each: the
+    blob in pieces, then the names and reasons, the last one marked."""
+    size = min(_SNAPSHOT_CHUNK, budget)
+    pieces = list(_snapshot.chunks(saved.blob, size)) if saved.blob else []
+    for piece in pieces:
+        yield pb.SnapshotChunk(request_id=request_id, chunk=piece)
+    message = pb.SnapshotChunk(request_id=request_id)
+    used = 0
+    for name in saved.names:
+        cost = _size(name) + 8
+        if used + cost > budget:
+            yield message
+            message, used = pb.SnapshotChunk(request_id=request_id), 0
+        message.names.append(name)
+        used += cost
+    for name, reason in saved.skipped.items():
+        cost = _size(name) + _size(reason) + 16
+        if used + cost > budget:
+            yield message
+            message, used = pb.SnapshotChunk(request_id=request_id), 0
+        message.skipped.add(name=name, reason=reason)
+        used += cost
+    message.last = True
+    message.error = error
+    yield message
+
+
+def restore_messages(
+    request_id: str, loaded: _snapshot.Loaded, error: str, budget: int
+) -> Iterator[pb.RestoreResult]:
+    """A restore's outcome as channel messages of at most ``budget`` bytes
+    each, the last one marked."""
+    message = pb.RestoreResult(request_id=request_id)
+    used = 0
+    for name in loaded.names:
+        cost = _size(name) + 8
+        if used + cost > budget:
+            yield message
+            message, used = pb.RestoreResult(request_id=request_id), 0
+        message.names.append(name)
+        used += cost
+    for name, reason in loaded.failed.items():
+        cost = _size(name) + _size(reason) + 16
+        if used + cost > budget:
+            yield message
+            message, used = pb.RestoreResult(request_id=request_id), 0
+        message.failed.add(name=name, reason=reason)
+        used += cost
+    message.last = True
+    message.error = error
+    yield message
 
 
 def _cap(text: str, limit: int, *, keep_end: bool = False) -> str:

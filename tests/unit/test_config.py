@@ -10,6 +10,7 @@ def test_defaults_are_the_documented_safe_ones() -> None:
     assert limits.memory_mb == 256
     assert limits.user == "65534:65534"
     assert limits.max_message_bytes == 4 * 1024 * 1024
+    assert limits.max_snapshot_bytes == 8 * 1024 * 1024
     assert limits.timeout_seconds == 60
     assert limits.runtime is None
 
@@ -30,6 +31,8 @@ def test_limits_are_frozen() -> None:
         ("tmpfs_mb", True),
         ("memory_mb", 8),
         ("max_message_bytes", 1000),
+        ("max_snapshot_bytes", 1000),
+        ("max_snapshot_bytes", 0),
         ("kill_grace_seconds", -1),
     ],
 )

@@ -18,28 +18,36 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class RunnerMessage(_message.Message):
-    __slots__ = ("hello", "tool_call", "output", "execute_result")
+    __slots__ = ("hello", "tool_call", "output", "execute_result", "snapshot_chunk", "restore_result")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_RESULT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     tool_call: ToolCall
     output: Output
     execute_result: ExecuteResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., execute_result: _Optional[_Union[ExecuteResult, _Mapping]] = ...) -> None: ...
+    snapshot_chunk: SnapshotChunk
+    restore_result: RestoreResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., execute_result: _Optional[_Union[ExecuteResult, _Mapping]] = ..., snapshot_chunk: _Optional[_Union[SnapshotChunk, _Mapping]] = ..., restore_result: _Optional[_Union[RestoreResult, _Mapping]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("define_tools", "execute", "tool_result", "cancel")
+    __slots__ = ("define_tools", "execute", "tool_result", "cancel", "snapshot", "restore")
     DEFINE_TOOLS_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     define_tools: DefineTools
     execute: Execute
     tool_result: ToolResult
     cancel: Cancel
-    def __init__(self, define_tools: _Optional[_Union[DefineTools, _Mapping]] = ..., execute: _Optional[_Union[Execute, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+    snapshot: Snapshot
+    restore: Restore
+    def __init__(self, define_tools: _Optional[_Union[DefineTools, _Mapping]] = ..., execute: _Optional[_Union[Execute, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("token", "python_version", "pid", "runner_version")
@@ -60,16 +68,18 @@ class DefineTools(_message.Message):
     def __init__(self, tools: _Optional[_Iterable[_Union[ToolSpec, _Mapping]]] = ...) -> None: ...
 
 class ToolSpec(_message.Message):
-    __slots__ = ("name", "doc", "functions", "is_function")
+    __slots__ = ("name", "doc", "functions", "is_function", "sandbox_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     IS_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     doc: str
     functions: _containers.RepeatedCompositeFieldContainer[FunctionSpec]
     is_function: bool
-    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., functions: _Optional[_Iterable[_Union[FunctionSpec, _Mapping]]] = ..., is_function: _Optional[bool] = ...) -> None: ...
+    sandbox_source: str
+    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., functions: _Optional[_Iterable[_Union[FunctionSpec, _Mapping]]] = ..., is_function: _Optional[bool] = ..., sandbox_source: _Optional[str] = ...) -> None: ...
 
 class FunctionSpec(_message.Message):
     __slots__ = ("name", "signature", "doc")
@@ -192,3 +202,59 @@ class ExecuteResult(_message.Message):
     stats: ResourceStats
     cancelled: bool
     def __init__(self, exec_id: _Optional[str] = ..., has_value: _Optional[bool] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[ExecError, _Mapping]] = ..., stdout_dropped_bytes: _Optional[int] = ..., stderr_dropped_bytes: _Optional[int] = ..., stats: _Optional[_Union[ResourceStats, _Mapping]] = ..., cancelled: _Optional[bool] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("request_id", "max_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    max_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class Skipped(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("request_id", "chunk", "last", "names", "skipped", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk: bytes
+    last: bool
+    names: _containers.RepeatedScalarFieldContainer[str]
+    skipped: _containers.RepeatedCompositeFieldContainer[Skipped]
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last: _Optional[bool] = ..., names: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[Skipped, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Restore(_message.Message):
+    __slots__ = ("request_id", "chunk", "last")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk: bytes
+    last: bool
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class RestoreResult(_message.Message):
+    __slots__ = ("request_id", "names", "failed", "error", "last")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.RepeatedCompositeFieldContainer[Skipped]
+    error: str
+    last: bool
+    def __init__(self, request_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[Skipped, _Mapping]]] = ..., error: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...

@@ -8,8 +8,9 @@ import contextvars
 import functools
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .. import telemetry
@@ -17,13 +18,18 @@ from .. import vault as _vault
 from .._log import get_logger
 from .._proto import sandbox_pb2 as pb
 from ..config import SandboxLimits
-from ..errors import SandboxClosed, SandboxCrashed, SandboxOOMKilled
+from ..errors import SandboxClosed, SandboxCrashed, SandboxOOMKilled, SnapshotError
 from . import _codec
 from .channel import ENVELOPE_BYTES
 from .runtime import Lease, SandboxRuntime, default_runtime
 from .tools import ToolDef, ToolDispatcher, toolset
 
 log = get_logger("legion.sandbox")
+
+# Snapshot blobs cross the channel in pieces of at most this size (less when
+# max_message_bytes is smaller), so a blob is bounded by max_snapshot_bytes,
+# not by the message size.
+_SNAPSHOT_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,77 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A sandbox's namespace, saved by :meth:`Sandbox.snapshot`.
+
+    ``blob`` is opaque bytes, pickled inside the sandbox and only ever
+    unpickled inside a sandbox (:meth:`Sandbox.restore`), never by the
+    controller. Keep it as data from an untrusted source: it is whatever the
+    sandbox's code made it.
+    """
+
+    blob: bytes = field(repr=False)
+    names: tuple[str, ...] = ()
+    """The names saved, in the namespace's order."""
+    skipped: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Name -> why it could not be saved, one short line each (a function or
+    class defined in sandbox code, an open file, a generator, too large...)."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`Sandbox.restore` put back into the namespace."""
+
+    names: tuple[str, ...] = ()
+    """The names restored."""
+    failed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Name -> why it could not be loaded (a module or tool this sandbox
+    lacks, a value whose loading raised...)."""
+
+
+class _Transfer:
+    """Controller-side state of one Snapshot or Restore: what came back so
+    far, bounded by ``limit`` bytes of blob and ``limit`` bytes of names."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.kind = kind  # the RunnerMessage field that answers it
+        self.limit = limit
+        self.blob = bytearray()
+        self.names: list[str] = []
+        self.problems: dict[str, str] = {}
+        self.error = ""
+        self._listed = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, message: pb.SnapshotChunk | pb.RestoreResult) -> None:
+        if self.done.done() or message.request_id != self.request_id:
+            return
+        if isinstance(message, pb.SnapshotChunk):
+            self.blob += message.chunk
+            problems = message.skipped
+        else:
+            problems = message.failed
+        self._listed += sum(len(n) for n in message.names)
+        self._listed += sum(len(p.name) + len(p.reason) for p in problems)
+        # The runner keeps to the limit; one that does not must not make us hold more.
+        if len(self.blob) > self.limit or self._listed > self.limit:
+            self.blob = bytearray()
+            self.done.set_exception(
+                SnapshotError(
+                    f"the sandbox sent more than max_snapshot_bytes ({self.limit} bytes); "
+                    "nothing was kept"
+                )
+            )
+            return
+        self.names.extend(message.names)
+        self.problems.update((p.name, p.reason) for p in problems)
+        if message.last:
+            self.error = message.error
+            self.done.set_result(None)
 
 
 def _truncation_marker(dropped: int) -> str:
@@ -127,6 +204,10 @@ class Sandbox:
     earlier variables are gone. A container that dies (out of memory, a
     crashed runner) raises :class:`legion.SandboxCrashed` or
     :class:`legion.SandboxOOMKilled`; the next ``run`` gets a fresh container.
+
+    :meth:`snapshot` saves the namespace as an opaque blob and
+    :meth:`restore` loads one into another sandbox (binding scope
+    ``conversation``).
     """
 
     def __init__(
@@ -136,13 +217,16 @@ class Sandbox:
         limits: SandboxLimits | None = None,
         vault: Mapping[str, Any] | None = None,
         runtime: SandboxRuntime | None = None,
+        agent: str | None = None,
     ) -> None:
         self.tools: dict[str, ToolDef] = toolset(tools)
         self._limits = limits
         self._vault = dict(vault or {})
         self._runtime = runtime
+        self._agent = agent  # shown by SandboxRuntime.sandboxes()
         self._lease: Lease | None = None
         self._execution: _Execution | None = None
+        self._transfer: _Transfer | None = None
         self._dispatcher: ToolDispatcher | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._removals: set[asyncio.Task[None]] = set()
@@ -167,7 +251,7 @@ class Sandbox:
         if self._runtime is None:
             self._runtime = await default_runtime()
         if self._lease is None:
-            await self._attach(await self._runtime.acquire(self._limits))
+            await self._attach(await self._runtime.acquire(self._limits, agent=self._agent))
         return self
 
     async def _attach(self, lease: Lease) -> None:
@@ -194,12 +278,16 @@ class Sandbox:
         await self.close()
 
     async def close(self) -> None:
-        """Remove the container (and any this Sandbox gave up). Idempotent."""
+        """Remove the container (and any this Sandbox gave up). Idempotent.
+
+        Also waits for the tool calls it cancelled to finish: a tool that runs
+        a sub-agent removes that agent's container before this returns."""
         self._closed = True
         if self._lease is not None:
             self._drop(self._lease)
-        if self._removals:
-            await asyncio.gather(*list(self._removals), return_exceptions=True)
+        pending = [*self._removals, *self._calls]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # running code ------------------------------------------------------------
 
@@ -224,13 +312,9 @@ class Sandbox:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         async with self._lock:
-            if self._closed:
-                raise SandboxClosed("this Sandbox is closed; create a new one")
-            if self._lease is None or not self._lease.connection.is_open:
-                self._lease = None
-                await self.start()
-            lease = self._lease
-            assert lease is not None
+            lease = await self._live_lease()
+            # A long-lived agent's sandbox serves one run per turn: show the current one.
+            lease.run_id = telemetry.current_run()[0] or lease.run_id
             limits = lease.limits
             timeout = limits.timeout_seconds if timeout is None else timeout
             size = len(code.encode("utf-8", "surrogatepass"))
@@ -277,6 +361,142 @@ class Sandbox:
             finally:
                 self._execution = None
             return self._result(execution, result)
+
+    async def _live_lease(self) -> Lease:
+        """The container to use now, started afresh if the last one died.
+        Called with the lock held."""
+        if self._closed:
+            raise SandboxClosed("this Sandbox is closed; create a new one")
+        if self._lease is None or not self._lease.connection.is_open:
+            self._lease = None
+            await self.start()
+        assert self._lease is not None
+        return self._lease
+
+    # snapshots ---------------------------------------------------------------
+
+    async def snapshot(self, *, timeout: float | None = None) -> Snapshot:
+        """Save the namespace's variables into an opaque blob.
+
+        Pickling happens inside the sandbox, entry by entry, in turn with
+        :meth:`run` (never beside code). Modules are saved by name and
+        imported again on restore; tools by reference to the tool of the
+        same name. What cannot be saved (functions, classes and their
+        instances defined in sandbox code, open files, generators, values
+        over the limit) is listed in ``skipped`` with the reason. The blob
+        (zlib-compressed) is at most ``SandboxLimits.max_snapshot_bytes``:
+        values are left out, largest first, until it fits.
+
+        ``timeout`` defaults to the limits' ``timeout_seconds``. At the
+        timeout the container is replaced (its variables are gone) and
+        :class:`legion.errors.SnapshotError` is raised; a container that dies
+        raises :class:`legion.SandboxCrashed`.
+        """
+
+        def request(lease: Lease, transfer: _Transfer) -> list[pb.ControllerMessage]:
+            snap = pb.Snapshot(
+                request_id=transfer.request_id, max_bytes=lease.limits.max_snapshot_bytes
+            )
+            return [pb.ControllerMessage(snapshot=snap)]
+
+        transfer = await self._exchange("snapshot_chunk", request, timeout, "taking a snapshot")
+        if transfer.error:
+            raise SnapshotError(transfer.error)
+        log.debug(
+            "sandbox_snapshot",
+            container=(self.container_id or "")[:12],
+            bytes=len(transfer.blob),
+            names=len(transfer.names),
+            skipped=len(transfer.problems),
+        )
+        return Snapshot(
+            blob=bytes(transfer.blob),
+            names=tuple(transfer.names),
+            skipped=MappingProxyType(dict(transfer.problems)),
+        )
+
+    async def restore(self, blob: bytes | Snapshot, *, timeout: float | None = None) -> Restored:
+        """Load a snapshot's variables into this sandbox's namespace.
+
+        ``blob`` is :attr:`Snapshot.blob` (or the Snapshot). It is sent as
+        bytes and unpickled only inside the sandbox, entry by entry: a value
+        that fails to load goes to ``failed`` with the reason, and the rest
+        are restored. Restored names replace those already bound; others
+        are kept. Tools stay this sandbox's own.
+
+        Raises :class:`legion.errors.SnapshotError` when the blob is larger
+        than ``SandboxLimits.max_snapshot_bytes`` (before sending it), when it
+        is not a whole snapshot (nothing is restored), or at the timeout (the
+        container is replaced); :class:`legion.SandboxCrashed` when the
+        container dies.
+        """
+        if isinstance(blob, Snapshot):
+            blob = blob.blob
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob must be bytes (Snapshot.blob), not {type(blob).__name__}")
+        data = bytes(blob)
+
+        def request(lease: Lease, transfer: _Transfer) -> list[pb.ControllerMessage]:
+            limits = lease.limits
+            if len(data) > limits.max_snapshot_bytes:
+                raise SnapshotError(
+                    f"the snapshot is {len(data)} bytes; this sandbox takes at most "
+                    f"{limits.max_snapshot_bytes} (SandboxLimits.max_snapshot_bytes). Raise "
+                    "that limit, or restore it into a sandbox that has it."
+                )
+            size = min(_SNAPSHOT_CHUNK, limits.max_message_bytes - ENVELOPE_BYTES)
+            starts = range(0, len(data), size) if data else range(1)
+            return [
+                pb.ControllerMessage(
+                    restore=pb.Restore(
+                        request_id=transfer.request_id,
+                        chunk=data[start : start + size],
+                        last=start + size >= len(data),
+                    )
+                )
+                for start in starts
+            ]
+
+        transfer = await self._exchange("restore_result", request, timeout, "restoring a snapshot")
+        if transfer.error:
+            raise SnapshotError(transfer.error)
+        return Restored(
+            names=tuple(transfer.names), failed=MappingProxyType(dict(transfer.problems))
+        )
+
+    async def _exchange(
+        self,
+        kind: str,
+        request: Callable[[Lease, _Transfer], list[pb.ControllerMessage]],
+        timeout: float | None,
+        doing: str,
+    ) -> _Transfer:
+        """Send ``request``'s messages and wait for the runner's ``kind``
+        answers, with run()'s locking, timeout and crash handling."""
+        async with self._lock:
+            lease = await self._live_lease()
+            timeout = lease.limits.timeout_seconds if timeout is None else timeout
+            transfer = self._transfer = _Transfer(kind, lease.limits.max_snapshot_bytes)
+            try:
+                for message in request(lease, transfer):
+                    lease.connection.send(message)
+                await asyncio.wait_for(asyncio.shield(transfer.done), timeout)
+            except TimeoutError:
+                # The runner cannot be interrupted inside pickle: replace it.
+                await self._discard(lease)
+                raise SnapshotError(
+                    f"{doing} did not finish within {timeout:g} s and was stopped. The "
+                    "sandbox was replaced with a fresh one: variables from earlier runs "
+                    "are gone."
+                ) from None
+            except _ChannelLost as lost:
+                raise await self._crashed(lease, None, str(lost), doing=doing) from None
+            except asyncio.CancelledError:
+                self._drop(lease)
+                raise
+            finally:
+                self._transfer = None
+            return transfer
 
     def _result(self, execution: _Execution, msg: pb.ExecuteResult) -> ExecResult:
         value, value_repr = _codec.decode(msg.value) if msg.has_value else (None, None)
@@ -327,12 +547,19 @@ class Sandbox:
             ),
         )
 
-    async def _crashed(self, lease: Lease, execution: _Execution, reason: str) -> SandboxCrashed:
+    async def _crashed(
+        self,
+        lease: Lease,
+        execution: _Execution | None,
+        reason: str,
+        *,
+        doing: str = "running code",
+    ) -> SandboxCrashed:
         assert self._runtime is not None
         state = await self._runtime.backend.wait_stopped(lease.container_id)
         await self._discard(lease)
-        stdout, _ = execution.text(pb.STREAM_STDOUT)
-        stderr, _ = execution.text(pb.STREAM_STDERR)
+        stdout = execution.text(pb.STREAM_STDOUT)[0] if execution is not None else ""
+        stderr = execution.text(pb.STREAM_STDERR)[0] if execution is not None else ""
         fresh = "The next run gets a fresh sandbox: variables from earlier runs are gone."
         if state is not None and state.oom_killed:
             return SandboxOOMKilled(
@@ -344,7 +571,7 @@ class Sandbox:
             )
         code = state.exit_code if state is not None else None
         return SandboxCrashed(
-            f"the sandbox stopped while running code (exit code {code}; {reason}). {fresh}",
+            f"the sandbox stopped while {doing} (exit code {code}; {reason}). {fresh}",
             exit_code=code,
             stdout=stdout,
             stderr=stderr,
@@ -371,8 +598,13 @@ class Sandbox:
     # messages from the runner ------------------------------------------------
 
     def _on_message(self, message: pb.RunnerMessage) -> None:
-        execution = self._execution
         kind = message.WhichOneof("kind")
+        if kind in ("snapshot_chunk", "restore_result"):
+            transfer = self._transfer
+            if transfer is not None and transfer.kind == kind:
+                transfer.add(getattr(message, kind))
+            return
+        execution = self._execution
         if execution is None:
             return  # nothing is running: late output or calls from leftover threads
         if kind == "output":
@@ -398,9 +630,13 @@ class Sandbox:
         lease.connection.send(pb.ControllerMessage(tool_result=result))
 
     def _on_closed(self, lease: Lease, reason: str) -> None:
-        execution = self._execution
-        if self._lease is lease and execution is not None and not execution.done.done():
+        if self._lease is not lease:
+            return
+        execution, transfer = self._execution, self._transfer
+        if execution is not None and not execution.done.done():
             execution.done.set_exception(_ChannelLost(reason))
+        if transfer is not None and not transfer.done.done():
+            transfer.done.set_exception(_ChannelLost(reason))
 
 
 class _ChannelLost(Exception):

@@ -15,6 +15,7 @@ import contextvars
 import functools
 import inspect
 import json
+import math
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +39,16 @@ class ToolFunction:
     is_async: bool
     positional: tuple[str, ...] = ()
     """Names of the parameters that can be passed by position, in order."""
+    timeout: float | None = None
+    """Seconds a call may take; None: the sandbox's ``tool_timeout_seconds``;
+    ``math.inf``: the function keeps its own time (see :func:`own_timeout`)."""
+
+
+def own_timeout(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a tool function that enforces its own time limit (waiting for a
+    human, running a sub-agent), so the per-call tool timeout does not cut it."""
+    fn.__legion_timeout__ = math.inf  # type: ignore[attr-defined]
+    return fn
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,16 @@ class ToolDef:
     doc: str
     functions: Mapping[str, ToolFunction]
     is_function: bool = False
+    sandbox_source: str = ""
+    """Python that defines more of the tool's functions inside the sandbox
+    (from the object's ``_legion_sandbox_source``); they call the host ones."""
 
     def spec(self) -> pb.ToolSpec:
         return pb.ToolSpec(
             name=self.name,
             doc=self.doc,
             is_function=self.is_function,
+            sandbox_source=self.sandbox_source,
             functions=[
                 pb.FunctionSpec(name=f.name, signature=f.signature, doc=f.doc)
                 for f in self.functions.values()
@@ -95,6 +110,7 @@ def _function(name: str, fn: Callable[..., Any], *, label: str) -> ToolFunction:
         call=validated,
         is_async=is_async,
         positional=positional,
+        timeout=getattr(fn, "__legion_timeout__", None),
     )
 
 
@@ -163,7 +179,12 @@ def tool_from(obj: Any, *, name: str | None = None) -> ToolDef:
         )
     functions = {n: _function(n, fn, label=f"{tool_name}.{n}") for n, fn in members.items()}
     doc = inspect.getdoc(obj) if not isinstance(obj, types.ModuleType) else (obj.__doc__ or "")
-    return ToolDef(name=tool_name, doc=(doc or "").strip(), functions=functions)
+    return ToolDef(
+        name=tool_name,
+        doc=(doc or "").strip(),
+        functions=functions,
+        sandbox_source=getattr(obj, "_legion_sandbox_source", ""),
+    )
 
 
 def toolset(tools: Iterable[Any]) -> dict[str, ToolDef]:
@@ -306,25 +327,29 @@ class ToolDispatcher:
         # Each call gets its own copy: one Context cannot be entered by two
         # threads at once, and a tool must not leak changes into the caller's.
         ctx = context.copy()
+        timeout = self._timeout if fn.timeout is None else fn.timeout
+        limit = None if math.isinf(timeout) else timeout
+        deadline = asyncio.timeout(limit)
         try:
-            if fn.is_async:
-                task = asyncio.create_task(fn.call(*args, **kwargs), context=ctx)
-                value = await asyncio.wait_for(task, self._timeout)
-            else:
-                loop = asyncio.get_running_loop()
-                work = functools.partial(ctx.run, fn.call, *args, **kwargs)
-                future = loop.run_in_executor(_tool_executor(), work)
-                value = await asyncio.wait_for(future, self._timeout)
+            async with deadline:
+                if fn.is_async:
+                    value = await asyncio.create_task(fn.call(*args, **kwargs), context=ctx)
+                else:
+                    loop = asyncio.get_running_loop()
+                    work = functools.partial(ctx.run, fn.call, *args, **kwargs)
+                    value = await loop.run_in_executor(_tool_executor(), work)
         except pydantic.ValidationError as exc:
             return _error(
                 call_id,
                 "ToolArgumentError",
                 f"{label}{fn.signature}: {_describe_validation(exc, fn)}",
             )
-        except TimeoutError:
-            return _error(
-                call_id, "ToolTimeout", f"{label} did not answer within {self._timeout:g} s"
-            )
+        except TimeoutError as exc:
+            if deadline.expired():
+                return _error(
+                    call_id, "ToolTimeout", f"{label} did not answer within {timeout:g} s"
+                )
+            return _error(call_id, "TimeoutError", str(exc) or "TimeoutError")  # the tool's own
         except Exception as exc:
             # The type name and message only: a host traceback would show the
             # sandbox host paths and code it has no business seeing.

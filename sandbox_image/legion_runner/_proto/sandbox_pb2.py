@@ -25,47 +25,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flegion/sandbox/v1/sandbox.proto\x12\x11legion.sandbox.v1\"\xdd\x01\n\rRunnerMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.legion.sandbox.v1.HelloH\x00\x12\x30\n\ttool_call\x18\x02 \x01(\x0b\x32\x1b.legion.sandbox.v1.ToolCallH\x00\x12+\n\x06output\x18\x03 \x01(\x0b\x32\x19.legion.sandbox.v1.OutputH\x00\x12:\n\x0e\x65xecute_result\x18\x04 \x01(\x0b\x32 .legion.sandbox.v1.ExecuteResultH\x00\x42\x06\n\x04kind\"\xe5\x01\n\x11\x43ontrollerMessage\x12\x36\n\x0c\x64\x65\x66ine_tools\x18\x01 \x01(\x0b\x32\x1e.legion.sandbox.v1.DefineToolsH\x00\x12-\n\x07\x65xecute\x18\x02 \x01(\x0b\x32\x1a.legion.sandbox.v1.ExecuteH\x00\x12\x34\n\x0btool_result\x18\x03 \x01(\x0b\x32\x1d.legion.sandbox.v1.ToolResultH\x00\x12+\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x19.legion.sandbox.v1.CancelH\x00\x42\x06\n\x04kind\"S\n\x05Hello\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0erunner_version\x18\x04 \x01(\t\"9\n\x0b\x44\x65\x66ineTools\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.legion.sandbox.v1.ToolSpec\"n\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64oc\x18\x02 \x01(\t\x12\x32\n\tfunctions\x18\x03 \x03(\x0b\x32\x1f.legion.sandbox.v1.FunctionSpec\x12\x13\n\x0bis_function\x18\x04 \x01(\x08\"<\n\x0c\x46unctionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\"v\n\x07\x45xecute\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12output_limit_bytes\x18\x04 \x01(\x03\x12\x17\n\x0freset_namespace\x18\x05 \x01(\x08\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\"/\n\x05Value\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0e\n\x04repr\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"t\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\t\"*\n\tToolError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x18.legion.sandbox.v1.ValueH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.legion.sandbox.v1.ToolErrorH\x00\x42\t\n\x07outcome\"R\n\x06Output\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12)\n\x06stream\x18\x02 \x01(\x0e\x32\x19.legion.sandbox.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\tExecError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\\\n\rResourceStats\x12\x18\n\x10\x63pu_user_seconds\x18\x01 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x02 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x03 \x01(\x03\"\x89\x02\n\rExecuteResult\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x11\n\thas_value\x18\x02 \x01(\x08\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.legion.sandbox.v1.Value\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.legion.sandbox.v1.ExecError\x12\x1c\n\x14stdout_dropped_bytes\x18\x05 \x01(\x03\x12\x1c\n\x14stderr_dropped_bytes\x18\x06 \x01(\x03\x12/\n\x05stats\x18\x07 \x01(\x0b\x32 .legion.sandbox.v1.ResourceStats\x12\x11\n\tcancelled\x18\x08 \x01(\x08*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32g\n\x0eSandboxChannel\x12U\n\x07\x43onnect\x12 .legion.sandbox.v1.RunnerMessage\x1a$.legion.sandbox.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flegion/sandbox/v1/sandbox.proto\x12\x11legion.sandbox.v1\"\xd5\x02\n\rRunnerMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.legion.sandbox.v1.HelloH\x00\x12\x30\n\ttool_call\x18\x02 \x01(\x0b\x32\x1b.legion.sandbox.v1.ToolCallH\x00\x12+\n\x06output\x18\x03 \x01(\x0b\x32\x19.legion.sandbox.v1.OutputH\x00\x12:\n\x0e\x65xecute_result\x18\x04 \x01(\x0b\x32 .legion.sandbox.v1.ExecuteResultH\x00\x12:\n\x0esnapshot_chunk\x18\x05 \x01(\x0b\x32 .legion.sandbox.v1.SnapshotChunkH\x00\x12:\n\x0erestore_result\x18\x06 \x01(\x0b\x32 .legion.sandbox.v1.RestoreResultH\x00\x42\x06\n\x04kind\"\xc5\x02\n\x11\x43ontrollerMessage\x12\x36\n\x0c\x64\x65\x66ine_tools\x18\x01 \x01(\x0b\x32\x1e.legion.sandbox.v1.DefineToolsH\x00\x12-\n\x07\x65xecute\x18\x02 \x01(\x0b\x32\x1a.legion.sandbox.v1.ExecuteH\x00\x12\x34\n\x0btool_result\x18\x03 \x01(\x0b\x32\x1d.legion.sandbox.v1.ToolResultH\x00\x12+\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x19.legion.sandbox.v1.CancelH\x00\x12/\n\x08snapshot\x18\x05 \x01(\x0b\x32\x1b.legion.sandbox.v1.SnapshotH\x00\x12-\n\x07restore\x18\x06 \x01(\x0b\x32\x1a.legion.sandbox.v1.RestoreH\x00\x42\x06\n\x04kind\"S\n\x05Hello\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0erunner_version\x18\x04 \x01(\t\"9\n\x0b\x44\x65\x66ineTools\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.legion.sandbox.v1.ToolSpec\"\x86\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64oc\x18\x02 \x01(\t\x12\x32\n\tfunctions\x18\x03 \x03(\x0b\x32\x1f.legion.sandbox.v1.FunctionSpec\x12\x13\n\x0bis_function\x18\x04 \x01(\x08\x12\x16\n\x0esandbox_source\x18\x05 \x01(\t\"<\n\x0c\x46unctionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\"v\n\x07\x45xecute\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12output_limit_bytes\x18\x04 \x01(\x03\x12\x17\n\x0freset_namespace\x18\x05 \x01(\x08\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\"/\n\x05Value\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0e\n\x04repr\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"t\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\t\"*\n\tToolError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x18.legion.sandbox.v1.ValueH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.legion.sandbox.v1.ToolErrorH\x00\x42\t\n\x07outcome\"R\n\x06Output\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12)\n\x06stream\x18\x02 \x01(\x0e\x32\x19.legion.sandbox.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\tExecError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\\\n\rResourceStats\x12\x18\n\x10\x63pu_user_seconds\x18\x01 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x02 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x03 \x01(\x03\"\x89\x02\n\rExecuteResult\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x11\n\thas_value\x18\x02 \x01(\x08\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.legion.sandbox.v1.Value\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.legion.sandbox.v1.ExecError\x12\x1c\n\x14stdout_dropped_bytes\x18\x05 \x01(\x03\x12\x1c\n\x14stderr_dropped_bytes\x18\x06 \x01(\x03\x12/\n\x05stats\x18\x07 \x01(\x0b\x32 .legion.sandbox.v1.ResourceStats\x12\x11\n\tcancelled\x18\x08 \x01(\x08\"1\n\x08Snapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\"\'\n\x07Skipped\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x01\n\rSnapshotChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\r\n\x05names\x18\x04 \x03(\t\x12+\n\x07skipped\x18\x05 \x03(\x0b\x32\x1a.legion.sandbox.v1.Skipped\x12\r\n\x05\x65rror\x18\x06 \x01(\t\":\n\x07Restore\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"{\n\rRestoreResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12*\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x1a.legion.sandbox.v1.Skipped\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04last\x18\x05 \x01(\x08*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32g\n\x0eSandboxChannel\x12U\n\x07\x43onnect\x12 .legion.sandbox.v1.RunnerMessage\x1a$.legion.sandbox.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'legion.sandbox.v1.sandbox_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAM']._serialized_start=1828
-  _globals['_STREAM']._serialized_end=1898
+  _globals['_STREAM']._serialized_start=2488
+  _globals['_STREAM']._serialized_end=2558
   _globals['_RUNNERMESSAGE']._serialized_start=55
-  _globals['_RUNNERMESSAGE']._serialized_end=276
-  _globals['_CONTROLLERMESSAGE']._serialized_start=279
-  _globals['_CONTROLLERMESSAGE']._serialized_end=508
-  _globals['_HELLO']._serialized_start=510
-  _globals['_HELLO']._serialized_end=593
-  _globals['_DEFINETOOLS']._serialized_start=595
-  _globals['_DEFINETOOLS']._serialized_end=652
-  _globals['_TOOLSPEC']._serialized_start=654
-  _globals['_TOOLSPEC']._serialized_end=764
-  _globals['_FUNCTIONSPEC']._serialized_start=766
-  _globals['_FUNCTIONSPEC']._serialized_end=826
-  _globals['_EXECUTE']._serialized_start=828
-  _globals['_EXECUTE']._serialized_end=946
-  _globals['_CANCEL']._serialized_start=948
-  _globals['_CANCEL']._serialized_end=973
-  _globals['_VALUE']._serialized_start=975
-  _globals['_VALUE']._serialized_end=1022
-  _globals['_TOOLCALL']._serialized_start=1024
-  _globals['_TOOLCALL']._serialized_end=1140
-  _globals['_TOOLERROR']._serialized_start=1142
-  _globals['_TOOLERROR']._serialized_end=1184
-  _globals['_TOOLRESULT']._serialized_start=1187
-  _globals['_TOOLRESULT']._serialized_end=1317
-  _globals['_OUTPUT']._serialized_start=1319
-  _globals['_OUTPUT']._serialized_end=1401
-  _globals['_EXECERROR']._serialized_start=1403
-  _globals['_EXECERROR']._serialized_end=1464
-  _globals['_RESOURCESTATS']._serialized_start=1466
-  _globals['_RESOURCESTATS']._serialized_end=1558
-  _globals['_EXECUTERESULT']._serialized_start=1561
-  _globals['_EXECUTERESULT']._serialized_end=1826
-  _globals['_SANDBOXCHANNEL']._serialized_start=1900
-  _globals['_SANDBOXCHANNEL']._serialized_end=2003
+  _globals['_RUNNERMESSAGE']._serialized_end=396
+  _globals['_CONTROLLERMESSAGE']._serialized_start=399
+  _globals['_CONTROLLERMESSAGE']._serialized_end=724
+  _globals['_HELLO']._serialized_start=726
+  _globals['_HELLO']._serialized_end=809
+  _globals['_DEFINETOOLS']._serialized_start=811
+  _globals['_DEFINETOOLS']._serialized_end=868
+  _globals['_TOOLSPEC']._serialized_start=871
+  _globals['_TOOLSPEC']._serialized_end=1005
+  _globals['_FUNCTIONSPEC']._serialized_start=1007
+  _globals['_FUNCTIONSPEC']._serialized_end=1067
+  _globals['_EXECUTE']._serialized_start=1069
+  _globals['_EXECUTE']._serialized_end=1187
+  _globals['_CANCEL']._serialized_start=1189
+  _globals['_CANCEL']._serialized_end=1214
+  _globals['_VALUE']._serialized_start=1216
+  _globals['_VALUE']._serialized_end=1263
+  _globals['_TOOLCALL']._serialized_start=1265
+  _globals['_TOOLCALL']._serialized_end=1381
+  _globals['_TOOLERROR']._serialized_start=1383
+  _globals['_TOOLERROR']._serialized_end=1425
+  _globals['_TOOLRESULT']._serialized_start=1428
+  _globals['_TOOLRESULT']._serialized_end=1558
+  _globals['_OUTPUT']._serialized_start=1560
+  _globals['_OUTPUT']._serialized_end=1642
+  _globals['_EXECERROR']._serialized_start=1644
+  _globals['_EXECERROR']._serialized_end=1705
+  _globals['_RESOURCESTATS']._serialized_start=1707
+  _globals['_RESOURCESTATS']._serialized_end=1799
+  _globals['_EXECUTERESULT']._serialized_start=1802
+  _globals['_EXECUTERESULT']._serialized_end=2067
+  _globals['_SNAPSHOT']._serialized_start=2069
+  _globals['_SNAPSHOT']._serialized_end=2118
+  _globals['_SKIPPED']._serialized_start=2120
+  _globals['_SKIPPED']._serialized_end=2159
+  _globals['_SNAPSHOTCHUNK']._serialized_start=2162
+  _globals['_SNAPSHOTCHUNK']._serialized_end=2301
+  _globals['_RESTORE']._serialized_start=2303
+  _globals['_RESTORE']._serialized_end=2361
+  _globals['_RESTORERESULT']._serialized_start=2363
+  _globals['_RESTORERESULT']._serialized_end=2486
+  _globals['_SANDBOXCHANNEL']._serialized_start=2560
+  _globals['_SANDBOXCHANNEL']._serialized_end=2663
 # @@protoc_insertion_point(module_scope)
