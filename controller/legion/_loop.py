@@ -18,7 +18,7 @@ match the output schema); each is fed back to the model, and one more than
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,14 +143,20 @@ class StepMachine:
     allowed_actions: Sequence[str] = ALL_ACTIONS
     validate_output: Callable[[Any], Any] = lambda value: value
     """Returns the checked (possibly converted) answer, or raises InvalidOutput."""
+    history: Sequence[Mapping[str, str]] = ()
+    """Earlier turns of a long-lived agent's conversation, system prompt
+    first; empty for a single run. The task is added to them as a new turn."""
     messages: list[dict[str, str]] = field(default_factory=list)
     iterations: int = 0
     failures_in_a_row: int = 0
     _pending: Action | None = None
 
     def start(self) -> CallModel:
+        earlier = [dict(m) for m in self.history] or [
+            {"role": "system", "content": self.system_prompt}
+        ]
         self.messages = [
-            {"role": "system", "content": self.system_prompt},
+            *earlier,
             {"role": "user", "content": truncate(self.task, self.max_message_length)},
         ]
         return self._call()

@@ -21,14 +21,16 @@ import asyncio
 import inspect
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import jsonschema
 import pydantic
 
-from . import telemetry
+from . import human, telemetry
+from ._ctx import bound
 from ._log import get_logger
 from ._loop import (
     ALL_ACTIONS,
@@ -43,7 +45,7 @@ from ._loop import (
 )
 from .config import AgentConfig, check_config_keys, resolve_agent_config
 from .errors import MaxIterationsReached, MaxRetriesReached, RunError, SandboxCrashed, UsageError
-from .models import LiteLLMModel, Model, Usage
+from .models import LiteLLMModel, Model, Usage, model_override
 from .prompt import build_system_prompt
 from .sandbox import ExecResult, Sandbox, SandboxRuntime
 from .sandbox.tools import ToolDef
@@ -52,6 +54,11 @@ from .tool import describe, to_tool_def, tool_name
 __all__ = ["Agent", "RunResult", "prompt_for", "run", "run_sync"]
 
 log = get_logger("legion.agent")
+
+current_runtime: ContextVar[SandboxRuntime | None] = ContextVar(
+    "legion_current_runtime", default=None
+)
+"""The runtime of the run this code is part of: sub-agents share its pool."""
 
 _ATTRIBUTES = (
     "tools",
@@ -325,29 +332,41 @@ async def run(
     or :class:`legion.ModelError` (each carrying the history) when it stops
     without an answer.
     """
-    definition = definition_of(agent)
-    if isinstance(model, str):
-        overrides["model"], model = model, None
+    definition, config, llm = _prepare(agent, model, overrides)
     if not isinstance(task, str) or not task.strip():
         raise UsageError("task must be a non-empty string")
-    config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
     if config.binding_scope == "conversation":
         raise UsageError(
             "binding_scope='conversation' keeps variables across the calls of a "
-            "long-lived agent; a single run uses 'turn' (default) or 'iteration'"
+            "long-lived agent (legion.start); a single run uses 'turn' (default) or 'iteration'"
         )
-    llm: Model = model or LiteLLMModel(
-        config.model,
-        api_base=config.api_base,
-        api_key=config.api_key,
-        temperature=config.temperature,
-        timeout=config.model_timeout,
-        retries=config.model_retries,
-        backoff=config.model_retry_backoff,
-    )
     driver = _Run(definition, config, task, llm=llm, vault=vault, runtime=runtime)
     with telemetry.run_context(driver.run_id, parent_run_id):
         return await driver.drive()
+
+
+def _prepare(
+    agent: type[Agent], model: Model | str | None, overrides: dict[str, Any]
+) -> tuple[AgentDefinition, AgentConfig, Model]:
+    """The agent's definition, its resolved config, and the model to ask."""
+    definition = definition_of(agent)
+    if isinstance(model, str):
+        overrides["model"], model = model, None
+    config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
+    llm: Model = (
+        model
+        or model_override(definition.name)
+        or LiteLLMModel(
+            config.model,
+            api_base=config.api_base,
+            api_key=config.api_key,
+            temperature=config.temperature,
+            timeout=config.model_timeout,
+            retries=config.model_retries,
+            backoff=config.model_retry_backoff,
+        )
+    )
+    return definition, config, llm
 
 
 class _Run:
@@ -363,6 +382,8 @@ class _Run:
         llm: Model,
         vault: Mapping[str, Any] | None,
         runtime: SandboxRuntime | None,
+        history: Sequence[Mapping[str, str]] = (),
+        borrow: Callable[[], Awaitable[Sandbox]] | None = None,
     ) -> None:
         self.definition = definition
         self.config = config
@@ -373,6 +394,9 @@ class _Run:
         self.run_id = uuid.uuid4().hex
         self.usage = Usage()
         self.sandbox: Sandbox | None = None
+        self._borrow = borrow
+        """Where a long-lived agent's sandbox comes from: the run uses it and
+        leaves it open. None: the run starts its own and closes it."""
         self.machine = StepMachine(
             system_prompt=build_system_prompt(definition, config),
             task=task,
@@ -381,11 +405,16 @@ class _Run:
             max_message_length=config.max_message_length,
             allowed_actions=definition.action_types,
             validate_output=definition.validate_output,
+            history=history,
         )
 
     async def drive(self) -> RunResult:
         name = self.definition.name
-        with telemetry.span("run", agent=name, task=self.task) as run_stop:
+        with (
+            bound(current_runtime, self.runtime),
+            bound(human.asking_agent, name),
+            telemetry.span("run", agent=name, task=self.task) as run_stop,
+        ):
             try:
                 step: Step = self.machine.start()
                 while not isinstance(step, (Finish, Stop)):
@@ -409,7 +438,7 @@ class _Run:
                     exc.usage, exc.iterations = self.usage, self.machine.iterations
                 raise
             finally:
-                if self.sandbox is not None:
+                if self.sandbox is not None and self._borrow is None:
                     await self.sandbox.close()
 
     async def _ask_model(self, step: CallModel) -> Step:
@@ -423,12 +452,11 @@ class _Run:
 
     async def _run_code(self, step: RunCode) -> Step:
         if self.sandbox is None:
-            self.sandbox = await Sandbox(
-                tools=[t.definition for t in self.definition.tools],
-                limits=self.config.sandbox_limits,
-                vault=self.vault,
-                runtime=self.runtime,
-            ).start()
+            self.sandbox = (
+                await self._borrow()
+                if self._borrow is not None
+                else await new_sandbox(self.definition, self.config, self.vault, self.runtime)
+            )
         with telemetry.span("iteration", index=self.machine.iterations + 1, complete=step.complete):
             try:
                 result = await self.sandbox.run(
@@ -450,6 +478,22 @@ class _Run:
             usage=self.usage,
             iterations=self.machine.iterations,
         )
+
+
+async def new_sandbox(
+    definition: AgentDefinition,
+    config: AgentConfig,
+    vault: Mapping[str, Any] | None,
+    runtime: SandboxRuntime | None,
+) -> Sandbox:
+    """A started sandbox holding ``definition``'s tools."""
+    return await Sandbox(
+        tools=[t.definition for t in definition.tools],
+        limits=config.sandbox_limits,
+        vault=vault,
+        runtime=runtime,
+        agent=definition.name,
+    ).start()
 
 
 def run_sync(agent: type[Agent], task: str, **kwargs: Any) -> RunResult:

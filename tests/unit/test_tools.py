@@ -13,7 +13,7 @@ import pytest
 
 import legion
 from legion._proto import sandbox_pb2 as pb
-from legion.sandbox.tools import ToolDispatcher, tool_from, toolset
+from legion.sandbox.tools import ToolDispatcher, own_timeout, tool_from, toolset
 
 
 class Counter:
@@ -162,6 +162,27 @@ async def test_slow_tool_times_out_and_big_results_are_refused() -> None:
     assert timed_out.error.type == "ToolTimeout"
     too_big = await dispatcher.handle(_call("big", ""), ctx)
     assert too_big.error.type == "MessageTooLarge"
+
+
+async def test_a_tools_own_timeout_error_is_not_a_tool_timeout() -> None:
+    def upstream() -> None:
+        raise TimeoutError("the upstream service did not answer")
+
+    @own_timeout
+    async def patient() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    dispatcher = _dispatcher(upstream, patient, timeout=0.1)
+    ctx = contextvars.copy_context()
+    raised = await dispatcher.handle(_call("upstream", ""), ctx)
+    assert (raised.error.type, raised.error.message) == (
+        "TimeoutError",
+        "the upstream service did not answer",
+    )
+    # a function that keeps its own time is not cut at the sandbox's tool timeout
+    waited = await dispatcher.handle(_call("patient", ""), ctx)
+    assert json.loads(waited.value.json) == "done"
 
 
 async def test_rate_limit_and_concurrency_cap() -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
@@ -23,11 +24,21 @@ from urllib.parse import urlparse
 from .._log import get_logger
 from ..errors import ModelError, UsageError
 
-__all__ = ["LiteLLMModel", "Model", "ModelReply", "Usage"]
+__all__ = ["LiteLLMModel", "Model", "ModelReply", "Usage", "model_override"]
 
 log = get_logger("legion.models")
 
 _requests_allowed = True
+_overrides: ContextVar[Callable[[str], Model | None] | None] = ContextVar(
+    "legion_model_overrides", default=None
+)
+
+
+def model_override(agent: str) -> Model | None:
+    """The model that :func:`legion.testing.use_models` put in place for runs
+    of ``agent`` in this context (sub-agents and turns included), if any."""
+    choose = _overrides.get()
+    return choose(agent) if choose is not None else None
 
 
 @dataclass(frozen=True)

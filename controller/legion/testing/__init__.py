@@ -5,6 +5,8 @@
 - :class:`FakeOpenAIServer`: an OpenAI-compatible chat-completions server on
   loopback, so the real litellm path is exercised (``model="openai/fake-model"``,
   ``api_base=server.url``).
+- :func:`use_models`: the models that runs of each agent use while a block
+  runs, sub-agents and long-lived agents' turns included.
 - :func:`forbid_model_requests`: refuse every model request that is not to a
   loopback address, so a test suite can never reach (or pay) a real vendor.
 
@@ -21,14 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import models as _models
-from ..models import ModelReply, Usage
+from .._ctx import bound
+from ..models import Model, ModelReply, Usage
 from ._fake_openai import FakeOpenAIServer, Reply
 
-__all__ = ["FakeOpenAIServer", "Reply", "ScriptedModel", "action", "forbid_model_requests"]
+__all__ = [
+    "FakeOpenAIServer",
+    "Reply",
+    "ScriptedModel",
+    "action",
+    "forbid_model_requests",
+    "use_models",
+]
 
 ScriptItem = str | Callable[[list[dict[str, str]]], str]
 
@@ -101,3 +111,18 @@ def forbid_model_requests(forbid: bool = True) -> Iterator[None]:
         yield
     finally:
         _models._requests_allowed = previous
+
+
+@contextlib.contextmanager
+def use_models(models: Mapping[str, Model] | Callable[[str], Model | None]) -> Iterator[None]:
+    """Runs started in this block (and the sub-agents and turns they start)
+    use these models instead of their configured ones: a mapping from agent
+    class name to model, or a function of the name (None: keep the configured
+    one). A ``model=`` passed to a call still wins.
+
+        with use_models({"Researcher": ScriptedModel([...]), "Writer": ...}):
+            await legion.run(Editor, "...")
+    """
+    choose = models if callable(models) else dict(models).get
+    with bound(_models._overrides, choose):
+        yield
