@@ -7,8 +7,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.legion-installed
+# The Node.js interop client's packages (tests/interop), installed by npm.
+NODE_STAMP := tests/interop/node_modules/.legion-installed
 
-.PHONY: demo test bench image protos lint docker setup clean
+.PHONY: demo test bench image protos lint docker setup interop clean
 
 $(STAMP): pyproject.toml
 	@echo "make: setting up $(VENV) (Python packages; the first time takes a minute or two)..."
@@ -28,8 +30,33 @@ image: setup docker
 demo: image
 	@$(PY) examples/agent_demo.py
 
-test: image
+$(NODE_STAMP): tests/interop/package.json tests/interop/.npmrc
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "make: installing the Node.js interop client's packages (npm install in tests/interop)..."; \
+		cd tests/interop && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.legion-installed; \
+	else \
+		echo "make: npm not found, so the Node.js interop client cannot be set up (apt-get install nodejs npm)"; \
+	fi
+
+interop: $(NODE_STAMP)
+	@true
+
+# The core integration suite, run a second time with every sandbox of the
+# shared runtime under gVisor (runsc) when the engine has it.
+GVISOR_SUITE := tests/integration/test_sandbox.py tests/integration/test_agent.py \
+	tests/integration/test_live.py tests/integration/test_snapshot.py \
+	tests/integration/test_subagents.py tests/integration/test_human.py
+
+test: image interop
 	@$(PY) -m pytest
+	@if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then \
+		echo "make: the core integration suite again, every sandbox under gVisor (runsc)..."; \
+		LEGION_TEST_RUNTIME=runsc $(PY) -m pytest -q -p no:cacheprovider $(GVISOR_SUITE); \
+	elif [ "$${LEGION_REQUIRE_GVISOR:-}" = 1 ]; then \
+		echo "make: LEGION_REQUIRE_GVISOR=1 but runsc is not registered (scripts/ensure-gvisor)" >&2; exit 1; \
+	else \
+		echo "make: runsc is not registered with the engine; the gVisor pass is skipped"; \
+	fi
 
 bench: image
 	@$(PY) -m bench
@@ -43,4 +70,4 @@ lint: setup
 	@$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules

@@ -24,26 +24,37 @@ import os as _os
 # user's own setting wins.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from . import telemetry, vault
+from . import human, store, telemetry, vault
 from .agent import Agent, RunResult, prompt_for, run, run_sync
+from .client import Client, SyncClient
 from .config import AgentConfig, SandboxLimits
 from .errors import (
     BackendError,
+    ConversationError,
     DockerUnavailable,
+    HumanRequestNotFound,
     ImageNotFound,
     LegionError,
     MaxIterationsReached,
     MaxRetriesReached,
     ModelError,
+    NotFound,
+    PermissionDenied,
+    RemoteError,
+    ResourceExhausted,
     RunError,
     SandboxClosed,
     SandboxCrashed,
     SandboxError,
     SandboxOOMKilled,
     SandboxStartError,
+    Unauthenticated,
+    Unavailable,
     UsageError,
     VaultKeyError,
 )
+from .human import Human
+from .live import AgentHandle, AgentPool, pool, start
 from .models import Usage
 from .sandbox import (
     ExecError,
@@ -52,6 +63,7 @@ from .sandbox import (
     Sandbox,
     SandboxRuntime,
 )
+from .subagents import SubAgents
 from .tool import Tool, expose
 
 __version__ = "0.1.0"
@@ -59,15 +71,25 @@ __version__ = "0.1.0"
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AgentHandle",
+    "AgentPool",
     "BackendError",
+    "Client",
+    "ConversationError",
     "DockerUnavailable",
     "ExecError",
     "ExecResult",
+    "Human",
+    "HumanRequestNotFound",
     "ImageNotFound",
     "LegionError",
     "MaxIterationsReached",
     "MaxRetriesReached",
     "ModelError",
+    "NotFound",
+    "PermissionDenied",
+    "RemoteError",
+    "ResourceExhausted",
     "ResourceStats",
     "RunError",
     "RunResult",
@@ -79,15 +101,23 @@ __all__ = [
     "SandboxOOMKilled",
     "SandboxRuntime",
     "SandboxStartError",
+    "SubAgents",
+    "SyncClient",
     "Tool",
+    "Unauthenticated",
+    "Unavailable",
     "Usage",
     "UsageError",
     "VaultKeyError",
     "__version__",
     "expose",
+    "human",
+    "pool",
     "prompt_for",
     "run",
     "run_sync",
+    "start",
+    "store",
     "telemetry",
     "vault",
 ]

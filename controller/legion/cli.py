@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 from .errors import LegionError, UsageError
+from .store import default_store_path
 
 
 def _image_build(args: argparse.Namespace) -> int:
@@ -38,6 +41,211 @@ def _prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor  # noqa: PLC0415
+
+    return doctor.main()
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _memory(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+def _ps_remote(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import asyncio  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+
+    from .client import Client  # noqa: PLC0415
+    from .errors import RemoteError  # noqa: PLC0415
+
+    async def ask() -> list[dict[str, Any]]:
+        async with Client(
+            args.remote, token=args.token, tls=args.tls, root_certificates=args.ca_cert
+        ) as client:
+            return [dataclasses.asdict(s) for s in await client.list_sandboxes()]
+
+    try:
+        rows = asyncio.run(ask())
+    except RemoteError as exc:
+        hint = {
+            "UNAVAILABLE": " (is `legion serve` running there?)",
+            "UNAUTHENTICATED": " (pass --token, or set LEGION_SERVER_TOKEN)",
+        }.get(exc.code, "")
+        raise type(exc)(f"{args.remote} answered {exc.code}: {exc}{hint}", code=exc.code) from None
+    for row in rows:  # the API's empty values: a warm sandbox, or memory unknown
+        row["run_id"] = row["run_id"] or None
+        row["agent"] = row["agent"] or None
+        row["memory_bytes"] = row["memory_bytes"] or None
+    return rows
+
+
+def _ps(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from .sandbox.runtime import host_sandboxes  # noqa: PLC0415
+
+    if args.remote:
+        rows = _ps_remote(args)
+        header = ["CONTAINER", "RUN", "AGENT", "AGE", "MEMORY"]
+        cells = [
+            [
+                str(r["container_id"])[:12],
+                str(r["run_id"] or "(warm)"),
+                str(r["agent"] or "-"),
+                _age(r["age_seconds"]),
+                _memory(r["memory_bytes"]),
+            ]
+            for r in rows
+        ]
+    else:
+        found = asyncio.run(host_sandboxes(memory=True))
+        rows = [dataclasses.asdict(sandbox) for sandbox in found]
+        header = ["CONTAINER", "NAME", "STATE", "AGE", "MEMORY", "OWNER PID", "OWNER"]
+        cells = [
+            [
+                s.container_id[:12],
+                s.name,
+                s.state,
+                _age(s.age_seconds),
+                _memory(s.memory_bytes),
+                str(s.owner_pid or "?"),
+                "alive" if s.owner_alive else "gone (removed at the next start)",
+            ]
+            for s in found
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no live Legion sandboxes" + (f" on {args.remote}" if args.remote else ""))
+    else:
+        print(_table(header, cells))
+    return 0
+
+
+def _add_doctor_and_ps(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that this machine can run sandboxes; print the fix for each problem",
+    )
+    doctor.set_defaults(func=_doctor)
+    ps = commands.add_parser(
+        "ps",
+        help="list live sandboxes: this machine's, or a `legion serve`'s with --remote",
+    )
+    ps.add_argument("--remote", metavar="HOST:PORT", help="ask a running `legion serve`")
+    ps.add_argument(
+        "--token",
+        default=os.environ.get("LEGION_SERVER_TOKEN"),
+        help="bearer token for --remote (default: $LEGION_SERVER_TOKEN)",
+    )
+    ps.add_argument("--tls", action="store_true", help="use TLS with --remote")
+    ps.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate (TLS)")
+    ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ps.set_defaults(func=_ps)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import commands  # noqa: PLC0415 - keep `legion --help` fast
+
+    return commands.serve(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .server import commands  # noqa: PLC0415
+
+    return commands.run(args)
+
+
+def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve a registry of agents over gRPC (the controller service)"
+    )
+    serve.add_argument(
+        "--agents",
+        required=True,
+        metavar="MODULE:REGISTRY",
+        help="a dict {name: Agent}, a list of Agent classes, or a function returning one",
+    )
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        metavar="ADDR",
+        help="HOST:PORT (port 0: any free one) or unix:/path (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="token file (TOML or JSON): token -> principal; LEGION_TOKENS adds name=token pairs",
+    )
+    serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the server's private key")
+    serve.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long runs may take to finish before they are cancelled",
+    )
+    serve.add_argument(
+        "--max-concurrent-runs", type=int, default=4, help="per principal (default: 4)"
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request accepted (default: 4 MiB)",
+    )
+    serve.add_argument(
+        "--pool-size", type=int, help="warm sandboxes kept ready (default: $LEGION_POOL_SIZE or 2)"
+    )
+    serve.add_argument(
+        "--store",
+        metavar="PATH",
+        default=str(default_store_path()),
+        help="SQLite file keeping long-lived agents' conversations across restarts "
+        "(default: %(default)s); 'memory' keeps them only while the server runs",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+    run = commands.add_parser(
+        "run", help="run an agent once: embedded (module:Class) or on a server (--remote)"
+    )
+    run.add_argument("agent", help="module:Class, or the agent's name on the server with --remote")
+    run.add_argument("task", help="what to do")
+    run.add_argument("--remote", metavar="ADDR", help="a `legion serve` (HOST:PORT or unix:/path)")
+    run.add_argument(
+        "--token",
+        default=os.environ.get("LEGION_SERVER_TOKEN"),
+        help="bearer token for --remote (default: $LEGION_SERVER_TOKEN)",
+    )
+    run.add_argument("--tls", action="store_true", help="use TLS with --remote")
+    run.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate (TLS)")
+    run.add_argument(
+        "--config", metavar="JSON", help='AgentConfig keys as a JSON object: {"max_iterations": 3}'
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    run.set_defaults(func=_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = commands.add_parser("prompt", help="print an agent's system prompt")
     prompt.add_argument("agent", help="the agent class, as package.module:Class")
     prompt.set_defaults(func=_prompt)
+    _add_doctor_and_ps(commands)
+    _add_serve_and_run(commands)
     return parser
 
 

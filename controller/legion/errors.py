@@ -5,6 +5,14 @@ The tree::
     LegionError
     ├── UsageError               the caller's mistake: bad config, bad tool; says how to fix it
     ├── VaultKeyError            a tool asked the vault for a key the caller did not bind
+    ├── HumanRequestNotFound     no human request with that ref is waiting for an answer
+    ├── ConversationError        a long-lived agent cannot take the turn (stopped, unknown id)
+    ├── RemoteError              a controller (`legion serve`) refused a call; ``code``: the status
+    │   ├── NotFound             no such agent, conversation, run or human request
+    │   ├── Unauthenticated      no token, or one the server does not know
+    │   ├── PermissionDenied     it exists, but belongs to another principal
+    │   ├── ResourceExhausted    too many concurrent runs, or a message over the size limit
+    │   └── Unavailable          the server cannot be reached, or is shutting down
     ├── RunError                 an agent run stopped without an answer; carries its history
     │   ├── MaxIterationsReached max_iterations successful steps and no answer yet
     │   ├── MaxRetriesReached    more failed steps in a row than max_retries
@@ -15,6 +23,7 @@ The tree::
         ├── BackendError         the engine refused or failed an operation
         ├── SandboxStartError    a container did not become ready (no Hello in time, or exited)
         ├── SandboxClosed        the Sandbox was used after it was closed
+        ├── SnapshotError        a snapshot or restore failed: timed out, not a snapshot, too large
         └── SandboxCrashed       the container died while running code; bindings are lost
             └── SandboxOOMKilled the kernel killed it at its memory limit
 
@@ -72,6 +81,14 @@ class SandboxClosed(SandboxError):
     """The Sandbox was used after it was closed."""
 
 
+class SnapshotError(SandboxError):
+    """``Sandbox.snapshot`` or ``Sandbox.restore`` failed as a whole: it timed
+    out (the container was replaced), the blob is not a snapshot, or it is
+    larger than ``SandboxLimits.max_snapshot_bytes``. Values that could not
+    be saved or loaded one by one are not errors: they are listed in
+    ``Snapshot.skipped`` and ``Restored.failed``."""
+
+
 class SandboxCrashed(SandboxError):
     """The container died while running code. Its bindings are lost; the next
     ``run`` on the same :class:`legion.Sandbox` gets a fresh container."""
@@ -122,3 +139,45 @@ class MaxRetriesReached(RunError):
 
 class ModelError(RunError):
     """The model could not be reached (after retries), or refused the request."""
+
+
+class HumanRequestNotFound(LegionError, LookupError):
+    """No human request with that ref is waiting for an answer."""
+
+
+class ConversationError(LegionError):
+    """A long-lived agent cannot take the turn: it was stopped, or no
+    conversation with that id is stored."""
+
+
+class RemoteError(LegionError):
+    """A controller service (``legion serve``) refused a call.
+
+    ``code`` is the gRPC status name (``"NOT_FOUND"``...); the message is the
+    server's. Input the server found malformed raises :class:`UsageError`
+    instead, and a run that started and failed raises its :class:`RunError`.
+    """
+
+    def __init__(self, message: str, *, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotFound(RemoteError, LookupError):
+    """No such agent, conversation, run or human request on the server."""
+
+
+class Unauthenticated(RemoteError):
+    """The call carried no token, or one the server does not know."""
+
+
+class PermissionDenied(RemoteError):
+    """The thing exists, but belongs to another principal."""
+
+
+class ResourceExhausted(RemoteError):
+    """Too many concurrent runs for this principal, or a message over the size limit."""
+
+
+class Unavailable(RemoteError):
+    """The server cannot be reached, or is shutting down."""

@@ -7,12 +7,20 @@ PUBLIC = [
     # agents
     "Agent", "AgentConfig", "RunResult", "Tool", "Usage", "expose", "prompt_for", "run",
     "run_sync", "telemetry", "vault",
+    # long-lived and cooperating agents
+    "AgentHandle", "AgentPool", "Human", "SubAgents", "human", "pool", "start", "store",
+    # a controller service (legion serve)
+    "Client", "SyncClient",
     # sandboxes
     "ExecError", "ExecResult", "ResourceStats", "Sandbox", "SandboxLimits", "SandboxRuntime",
     # errors
-    "BackendError", "DockerUnavailable", "ImageNotFound", "LegionError", "MaxIterationsReached",
-    "MaxRetriesReached", "ModelError", "RunError", "SandboxClosed", "SandboxCrashed",
-    "SandboxError", "SandboxOOMKilled", "SandboxStartError", "UsageError", "VaultKeyError",
+    "BackendError", "ConversationError", "DockerUnavailable", "HumanRequestNotFound",
+    "ImageNotFound", "LegionError", "MaxIterationsReached", "MaxRetriesReached", "ModelError",
+    "RunError", "SandboxClosed", "SandboxCrashed", "SandboxError", "SandboxOOMKilled",
+    "SandboxStartError", "UsageError", "VaultKeyError",
+    # errors from a controller service
+    "RemoteError", "NotFound", "Unauthenticated", "PermissionDenied", "ResourceExhausted",
+    "Unavailable",
     "__version__",
 ]  # fmt: skip
 

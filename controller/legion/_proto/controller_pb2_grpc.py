@@ -104,7 +104,9 @@ class ControllerServicer:
     def StartAgent(self, request, context):
         """Long-lived agents: a conversation whose turns run one at a time, in order,
         keeping their history (and, with binding_scope "conversation", their
-        variables). StartAgent resumes a stored conversation when given its id.
+        variables). StartAgent resumes a stored conversation when given its id
+        (NOT_FOUND when none is stored, FAILED_PRECONDITION when it is another
+        agent's); a conversation is its principal's only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +128,9 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop the agent; turns still queued or running are cancelled. What the
+        finished turns did stays stored: StartAgent with the id resumes it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

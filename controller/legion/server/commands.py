@@ -1,0 +1,188 @@
+"""``legion serve`` and ``legion run``: what the command line does, behind
+:mod:`legion.cli` (which only declares the arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from .. import telemetry
+from ..agent import Agent, RunResult
+from ..agent import run as run_agent
+from ..client import Client
+from ..errors import LegionError, UsageError
+from .app import ServerSettings, check_listen, load_registry
+from .app import serve as serve_forever
+from .auth import TokenTable
+from .service import to_json
+
+USAGE_EXIT = 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``legion serve``: exit 2 on a bad registry, token file or address;
+    0 after a graceful shutdown."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if args.log_level != "debug":  # a line or two per model request otherwise
+        for chatty in ("LiteLLM", "httpx", "httpcore"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        agents = load_registry(args.agents)
+        authenticator = TokenTable.load(args.tokens)
+        settings = ServerSettings(
+            listen=args.listen,
+            authenticator=authenticator,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+            max_message_bytes=args.max_message_bytes,
+            grace_seconds=args.grace_seconds,
+            max_concurrent_runs=args.max_concurrent_runs,
+            pool_size=args.pool_size,
+            store=None if args.store == "memory" else Path(args.store),
+        )
+        check_listen(settings.listen, authenticated=authenticator is not None)
+    except UsageError as exc:
+        print(f"legion serve: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+
+    def listening(address: str) -> None:
+        print(f"legion serve: listening on {address}", flush=True)
+
+    asyncio.run(serve_forever(agents, settings, on_listening=listening))
+    return 0
+
+
+class Progress:
+    """Prints a run's events as short lines, and a reminder while a step
+    takes long (every ``every`` seconds)."""
+
+    def __init__(self, out: TextIO, *, every: float = 10.0) -> None:
+        self.out = out
+        self.every = every
+        self._doing: tuple[str, float] | None = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def __call__(self, event: telemetry.Event) -> None:
+        d = event.data
+        name = event.name
+        took = f" in {d['duration']:.1f}s" if isinstance(d.get("duration"), (int, float)) else ""
+        line, doing = None, None
+        if name == "run.start":
+            line = f"run {d.get('agent', '')} started (run {(event.run_id or '')[:8]})"
+        elif name in ("run.stop", "run.exception"):
+            line = (
+                f"run {d.get('agent', '')} {'finished' if name == 'run.stop' else 'failed'}{took}"
+            )
+        elif name == "llm.request.start":
+            line, doing = f"  asking the model ({d.get('model', '?')})", "waiting for the model"
+        elif name == "llm.request.stop":
+            line = f"  the model answered{took}"
+        elif name == "iteration.start":
+            line, doing = f"  step {d.get('index', '?')}: running code", "running code"
+        elif name in ("iteration.stop", "iteration.exception"):
+            line = f"  step {d.get('index', '?')} done{took}"
+        elif name == "tool.call.start":
+            line = f"    tool {d.get('tool', '?')}.{d.get('function', '?')}"
+        elif name == "human.request":
+            line = f"  the agent asks: {d.get('question', '')} (ref {d.get('ref', '')})"
+            doing = "waiting for a human"
+        if name.endswith((".stop", ".exception")):
+            self._doing = None
+        if doing is not None:
+            self._doing = (doing, time.monotonic())
+        if line is not None:
+            self.say(line)
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            if self._doing is not None:
+                what, since = self._doing
+                self.say(f"  ... still {what} ({time.monotonic() - since:.0f}s)")
+
+
+def _config(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"--config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError('--config must be a JSON object, e.g. {"max_iterations": 3}')
+    return config
+
+
+def _import_agent(spec: str) -> type[Agent]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(
+            f"name the agent as module:Class (or give --remote ADDR to use a server's), "
+            f"got {spec!r}"
+        )
+    registry = load_registry(spec)
+    if len(registry) != 1:
+        raise UsageError(f"{spec} names {len(registry)} agents; name one class")
+    return next(iter(registry.values()))
+
+
+async def _with_progress(
+    progress: Progress | None, work: Callable[[], Awaitable[RunResult]]
+) -> RunResult:
+    ticker = asyncio.create_task(progress.tick()) if progress is not None else None
+    try:
+        return await work()
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``legion run``: the answer as JSON on stdout, progress on stderr; a
+    one-line error and exit 1 on failure."""
+    progress = None if args.quiet else Progress(sys.stderr)
+    try:
+        config = _config(args.config)
+        if args.remote:
+            result = asyncio.run(_remote(args, config, progress))
+        else:
+            agent = _import_agent(args.agent)
+            unsubscribe = telemetry.subscribe(progress) if progress is not None else None
+            try:
+                result = asyncio.run(
+                    _with_progress(progress, lambda: run_agent(agent, args.task, **config))
+                )
+            finally:
+                if unsubscribe is not None:
+                    unsubscribe()
+    except LegionError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"legion run: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    print(to_json(result.output), flush=True)
+    return 0
+
+
+async def _remote(
+    args: argparse.Namespace, config: dict[str, Any], progress: Progress | None
+) -> RunResult:
+    async with Client(
+        args.remote, token=args.token, tls=args.tls, root_certificates=args.ca_cert
+    ) as client:
+        return await _with_progress(
+            progress, lambda: client.run(args.agent, args.task, on_event=progress, **config)
+        )
