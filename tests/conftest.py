@@ -59,10 +59,20 @@ def gvisor_ready(docker_client: docker.DockerClient) -> None:
     pytest.skip(problem)
 
 
+CONTAINER_RUNTIME = os.environ.get("LEGION_TEST_RUNTIME") or None
+"""``runsc``: the shared runtime's sandboxes run under gVisor (`make test`
+runs the core integration suite a second time that way)."""
+
+
 @pytest.fixture(scope="session")
 async def runtime(docker_ready: None) -> AsyncIterator[legion.SandboxRuntime]:
     """One runtime with a warm pool, shared by the whole session."""
-    async with legion.SandboxRuntime(pool_size=2) as rt:
+    if CONTAINER_RUNTIME == "runsc":
+        client = docker.from_env(timeout=30)
+        if "runsc" not in client.info().get("Runtimes", {}):
+            pytest.fail("LEGION_TEST_RUNTIME=runsc but runsc is not registered", pytrace=False)
+    limits = legion.SandboxLimits(runtime=CONTAINER_RUNTIME)
+    async with legion.SandboxRuntime(pool_size=2, limits=limits) as rt:
         yield rt
 
 

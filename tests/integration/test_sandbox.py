@@ -7,10 +7,13 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
+import docker
 import pydantic
 import pytest
 
 import legion
+
+from ..conftest import CONTAINER_RUNTIME
 
 pytestmark = pytest.mark.docker
 
@@ -58,6 +61,17 @@ class Shapes:
     async def later(self, value: int) -> int:
         await asyncio.sleep(0.01)
         return value + 1
+
+
+async def test_the_shared_runtime_uses_the_container_runtime_asked_for(
+    sandbox: legion.Sandbox, docker_client: docker.DockerClient
+) -> None:
+    """`make test` runs this file again with LEGION_TEST_RUNTIME=runsc: make
+    sure that pass really is under gVisor (and the first one under runc)."""
+    await sandbox.run("1")
+    assert sandbox.container_id is not None
+    info = docker_client.api.inspect_container(sandbox.container_id)
+    assert info["HostConfig"]["Runtime"] == (CONTAINER_RUNTIME or "runc")
 
 
 async def test_value_stdout_and_duration(sandbox: legion.Sandbox) -> None:
