@@ -139,6 +139,18 @@ def _ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_remote_options(parser: argparse.ArgumentParser, remote_help: str) -> None:
+    """--remote and how to reach it: token and TLS."""
+    parser.add_argument("--remote", metavar="ADDR", help=remote_help)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LEGION_SERVER_TOKEN"),
+        help="bearer token for --remote (default: $LEGION_SERVER_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with --remote")
+    parser.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate (TLS)")
+
+
 def _add_doctor_and_ps(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     doctor = commands.add_parser(
         "doctor",
@@ -149,14 +161,7 @@ def _add_doctor_and_ps(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "ps",
         help="list live sandboxes: this machine's, or a `legion serve`'s with --remote",
     )
-    ps.add_argument("--remote", metavar="HOST:PORT", help="ask a running `legion serve`")
-    ps.add_argument(
-        "--token",
-        default=os.environ.get("LEGION_SERVER_TOKEN"),
-        help="bearer token for --remote (default: $LEGION_SERVER_TOKEN)",
-    )
-    ps.add_argument("--tls", action="store_true", help="use TLS with --remote")
-    ps.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate (TLS)")
+    _add_remote_options(ps, "ask a running `legion serve` (HOST:PORT or unix:/path)")
     ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ps.set_defaults(func=_ps)
 
@@ -231,14 +236,7 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     run.add_argument("agent", help="module:Class, or the agent's name on the server with --remote")
     run.add_argument("task", help="what to do")
-    run.add_argument("--remote", metavar="ADDR", help="a `legion serve` (HOST:PORT or unix:/path)")
-    run.add_argument(
-        "--token",
-        default=os.environ.get("LEGION_SERVER_TOKEN"),
-        help="bearer token for --remote (default: $LEGION_SERVER_TOKEN)",
-    )
-    run.add_argument("--tls", action="store_true", help="use TLS with --remote")
-    run.add_argument("--ca-cert", metavar="PEM", help="CA of the server's certificate (TLS)")
+    _add_remote_options(run, "a `legion serve` (HOST:PORT or unix:/path)")
     run.add_argument(
         "--config", metavar="JSON", help='AgentConfig keys as a JSON object: {"max_iterations": 3}'
     )

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -688,25 +688,14 @@ def snapshot_messages(
     pieces = list(_snapshot.chunks(saved.blob, size)) if saved.blob else []
     for piece in pieces:
         yield pb.SnapshotChunk(request_id=request_id, chunk=piece)
-    message = pb.SnapshotChunk(request_id=request_id)
-    used = 0
-    for name in saved.names:
-        cost = _size(name) + 8
-        if used + cost > budget:
-            yield message
-            message, used = pb.SnapshotChunk(request_id=request_id), 0
-        message.names.append(name)
-        used += cost
-    for name, reason in saved.skipped.items():
-        cost = _size(name) + _size(reason) + 16
-        if used + cost > budget:
-            yield message
-            message, used = pb.SnapshotChunk(request_id=request_id), 0
-        message.skipped.add(name=name, reason=reason)
-        used += cost
-    message.last = True
-    message.error = error
-    yield message
+    yield from _name_messages(
+        lambda: pb.SnapshotChunk(request_id=request_id),
+        saved.names,
+        saved.skipped,
+        "skipped",
+        error=error,
+        budget=budget,
+    )
 
 
 def restore_messages(
@@ -714,21 +703,39 @@ def restore_messages(
 ) -> Iterator[pb.RestoreResult]:
     """A restore's outcome as channel messages of at most ``budget`` bytes
     each, the last one marked."""
-    message = pb.RestoreResult(request_id=request_id)
-    used = 0
-    for name in loaded.names:
-        cost = _size(name) + 8
+    yield from _name_messages(
+        lambda: pb.RestoreResult(request_id=request_id),
+        loaded.names,
+        loaded.failed,
+        "failed",
+        error=error,
+        budget=budget,
+    )
+
+
+def _name_messages(
+    make: Callable[[], Any],
+    names: Iterable[str],
+    reasons: Mapping[str, str],
+    reasons_field: str,
+    *,
+    error: str,
+    budget: int,
+) -> Iterator[Any]:
+    """Names, then (name, reason) pairs, packed into messages of at most
+    ``budget`` bytes; the last one is marked and carries ``error``."""
+    message, used = make(), 0
+    entries: list[tuple[str, str | None]] = [(n, None) for n in names]
+    entries.extend(reasons.items())
+    for name, reason in entries:
+        cost = _size(name) + (8 if reason is None else _size(reason) + 16)
         if used + cost > budget:
             yield message
-            message, used = pb.RestoreResult(request_id=request_id), 0
-        message.names.append(name)
-        used += cost
-    for name, reason in loaded.failed.items():
-        cost = _size(name) + _size(reason) + 16
-        if used + cost > budget:
-            yield message
-            message, used = pb.RestoreResult(request_id=request_id), 0
-        message.failed.add(name=name, reason=reason)
+            message, used = make(), 0
+        if reason is None:
+            message.names.append(name)
+        else:
+            getattr(message, reasons_field).add(name=name, reason=reason)
         used += cost
     message.last = True
     message.error = error

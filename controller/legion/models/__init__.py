@@ -13,7 +13,6 @@ Test suites can refuse real vendor requests with
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -22,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from .._log import get_logger
+from .._net import is_loopback_host
 from ..errors import ModelError, UsageError
 
 __all__ = ["LiteLLMModel", "Model", "ModelReply", "Usage", "model_override"]
@@ -83,13 +83,7 @@ class Model(Protocol):
 def _is_loopback(api_base: str | None) -> bool:
     if not api_base:
         return False
-    host = urlparse(api_base).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlparse(api_base).hostname or "")
 
 
 def _retry_after(exc: BaseException) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import ipaddress
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from .._log import get_logger
+from .._net import is_loopback_host
 from .._proto import controller_pb2_grpc as pb_grpc
 from ..agent import Agent, definition_of
 from ..config import MiB
@@ -160,12 +160,7 @@ def is_loopback(listen: str) -> bool:
     if listen.startswith("unix:"):
         return True
     host, _ = _split(listen)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(host)
 
 
 def check_listen(listen: str, *, authenticated: bool) -> None:
