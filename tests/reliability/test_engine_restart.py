@@ -1,13 +1,16 @@
-"""The Docker engine stops and comes back while sandboxes run.
+"""The Docker engine stops and comes back while sandboxes, agents and a
+`legion serve` are at work.
 
 This stops the machine's Docker engine, so it only runs where that is
 allowed: LEGION_ENGINE_FAULTS=1 (CI sets it; CI owns its engine). The engine
 is started again with scripts/ensure-docker, as `make test` does.
 
 What must hold: code running when the engine goes away ends with a clear
-error instead of hanging; starting a sandbox while it is away fails fast
-with DockerUnavailable; once it is back the same runtime serves new
-sandboxes; nothing of ours is left behind.
+error instead of hanging; starting a sandbox while it is away fails fast with
+DockerUnavailable, and so does an agent's next step; the controller service
+keeps answering (a run fails with that error in its stream); once the engine
+is back, the same runtime, agents and server work again; nothing of ours is
+left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import pytest
 
 import legion
 from legion.sandbox.docker_backend import LABEL
+from legion.testing import FakeOpenAIServer, ScriptedModel, action
 
+from ..server.conftest import ServerProcess, script, server_env, start_server, stop_cleanly
 from .support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +41,12 @@ pytestmark = [
         not ALLOWED, reason="stops the Docker engine; set LEGION_ENGINE_FAULTS=1 to allow it"
     ),
 ]
+
+
+class Sleeper(legion.Agent):
+    """Runs whatever it is told."""
+
+    config = {"max_retries": 3}
 
 
 def engine_answers() -> bool:
@@ -73,34 +84,68 @@ def engine_comes_back(docker_ready: None) -> object:
         start_engine()
 
 
-async def test_the_runtime_survives_an_engine_restart(engine_comes_back: None) -> None:
-    async with legion.SandboxRuntime(pool_size=1) as runtime:
-        sandbox = await legion.Sandbox(runtime=runtime).start()
-        assert (await sandbox.run("x = 41\nx + 1")).value == 42
-        running = asyncio.create_task(sandbox.run("import time\ntime.sleep(120)"))
-        await asyncio.sleep(0.5)
+async def test_everything_survives_an_engine_restart(
+    engine_comes_back: None, tmp_path: Path
+) -> None:
+    sleep = action("eval_and_continue", "import time\ntime.sleep(120)")
+    with FakeOpenAIServer(script) as fake_model:
+        server = start_server(
+            ["--listen", "127.0.0.1:0", "--pool-size", "0"], server_env(fake_model), tmp_path
+        )
+        try:
+            async with (
+                legion.SandboxRuntime(pool_size=1) as runtime,
+                legion.Client(server.address) as client,
+            ):
+                sandbox = await legion.Sandbox(runtime=runtime).start()
+                assert (await sandbox.run("x = 41\nx + 1")).value == 42
+                running = asyncio.create_task(sandbox.run("import time\ntime.sleep(120)"))
+                agent = asyncio.create_task(
+                    legion.run(Sleeper, "sleep", model=ScriptedModel([sleep] * 5), runtime=runtime)
+                )
+                remote = asyncio.create_task(
+                    client.run("Echo", "#code import time\ntime.sleep(120)")
+                )
+                await wait_until(lambda: len(runtime.live_containers) >= 3, 60, "three sandboxes")
+                await asyncio.to_thread(wait_for_containers, server, 1)
 
-        await asyncio.to_thread(stop_engine)
-        # the code in flight ends with a clear error, not a hang
-        with pytest.raises(legion.SandboxError) as crashed:
-            await asyncio.wait_for(running, 60)
-        assert "sandbox" in str(crashed.value)
+                await asyncio.to_thread(stop_engine)
 
-        # while the engine is away, a new sandbox fails fast and says why
-        started = time.monotonic()
-        with pytest.raises(legion.DockerUnavailable):
-            await legion.Sandbox(runtime=runtime).start()
-        assert time.monotonic() - started < 60
+                # code in flight ends with a clear error, not a hang
+                with pytest.raises(legion.SandboxError) as crashed:
+                    await asyncio.wait_for(running, 60)
+                assert "sandbox" in str(crashed.value)
+                # the agent's next step cannot get a sandbox, and says why
+                with pytest.raises(legion.DockerUnavailable):
+                    await asyncio.wait_for(agent, 60)
+                # a new sandbox fails fast
+                started = time.monotonic()
+                with pytest.raises(legion.DockerUnavailable):
+                    await legion.Sandbox(runtime=runtime).start()
+                assert time.monotonic() - started < 60
+                # the server keeps answering; its runs end with the engine's error
+                assert {a.name for a in await client.list_agents()} >= {"Echo"}
+                with pytest.raises(legion.SandboxError):
+                    await asyncio.wait_for(remote, 60)
+                with pytest.raises(legion.DockerUnavailable):
+                    await client.run("Echo", "#code 1 + 1")
 
-        await asyncio.to_thread(start_engine)
-        # the same runtime serves again: the old sandbox gets a fresh container
-        after = await sandbox.run("'x' in dir()")
-        assert after.value is False
-        fresh = await legion.Sandbox(runtime=runtime).start()
-        assert (await fresh.run("6 * 7")).value == 42
-        await fresh.close()
-        await sandbox.close()
-        runtime_id = runtime.id
+                await asyncio.to_thread(start_engine)
+
+                # the same runtime serves again: the old sandbox gets a fresh container
+                after = await sandbox.run("'x' in dir()")
+                assert after.value is False
+                fresh = await legion.Sandbox(runtime=runtime).start()
+                assert (await fresh.run("6 * 7")).value == 42
+                await fresh.close()
+                await sandbox.close()
+                done = ScriptedModel([action("eval_and_complete", "40 + 2")])
+                assert (await legion.run(Sleeper, "add", model=done, runtime=runtime)).output == 42
+                # and so does the server
+                assert (await client.run("Echo", "#code 6 * 7")).output == 42
+                runtime_id = runtime.id
+        finally:
+            stop_cleanly(server)  # exits 0, no container of its own left
 
     client = docker.from_env(timeout=30)
     mine = {"label": f"{LABEL}={runtime_id}"}
@@ -109,3 +154,11 @@ async def test_the_runtime_survives_an_engine_restart(engine_comes_back: None) -
         30,
         "the runtime's containers to be removed",
     )
+
+
+def wait_for_containers(server: ServerProcess, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(server.containers()) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server did not start {count} sandboxes")
+        time.sleep(0.1)

@@ -91,8 +91,42 @@ def _result() -> st.SearchStrategy[pb.RunnerMessage]:
     )
 
 
+def _snapshot_reply() -> st.SearchStrategy[pb.RunnerMessage]:
+    """Unasked-for (or forged) answers to a snapshot or a restore."""
+    skipped = st.lists(
+        st.builds(lambda n, r: pb.Skipped(name=n, reason=r), texts, texts), max_size=3
+    )
+    chunk = st.builds(
+        lambda rid, data, last, names, skip: pb.RunnerMessage(
+            snapshot_chunk=pb.SnapshotChunk(
+                request_id=rid, chunk=data, last=last, names=names, skipped=skip
+            )
+        ),
+        ids,
+        st.binary(max_size=70_000),
+        st.booleans(),
+        st.lists(texts, max_size=3),
+        skipped,
+    )
+    restored = st.builds(
+        lambda rid, names, failed, error, last: pb.RunnerMessage(
+            restore_result=pb.RestoreResult(
+                request_id=rid, names=names, failed=failed, error=error, last=last
+            )
+        ),
+        ids,
+        st.lists(texts, max_size=3),
+        skipped,
+        texts,
+        st.booleans(),
+    )
+    return st.one_of(chunk, restored)
+
+
 messages = st.lists(
-    st.one_of(_hello(), _tool_call(), _output(), _result()), min_size=1, max_size=12
+    st.one_of(_hello(), _tool_call(), _output(), _result(), _snapshot_reply()),
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -125,3 +159,7 @@ async def test_any_runner_messages_leave_the_controller_serving(
     follow_up = await target.run("echo('still served') + '!'")
     assert follow_up.error is None, follow_up.error
     assert follow_up.value == "still served!"
+    # Stray snapshot replies never stand in for a real one.
+    await target.run("kept = 'yes'")
+    snap = await target.snapshot()
+    assert "kept" in snap.names
