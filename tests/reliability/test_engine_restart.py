@@ -30,7 +30,7 @@ from legion.sandbox.docker_backend import LABEL
 from legion.testing import FakeOpenAIServer, ScriptedModel, action
 
 from ..server.conftest import ServerProcess, script, server_env, start_server, stop_cleanly
-from .support import wait_until
+from .support import fault_series, tracked_runtime, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = os.environ.get("LEGION_ENGINE_FAULTS") == "1"
@@ -162,3 +162,29 @@ def wait_for_containers(server: ServerProcess, count: int) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the server did not start {count} sandboxes")
         time.sleep(0.1)
+
+
+async def test_engine_restarts_leave_nothing_growing(
+    engine_comes_back: None, docker_client: docker.DockerClient
+) -> None:
+    """The controller's footprint (tasks, descriptors, threads) over a series
+    of engine restarts, each under code in flight, and no container left."""
+    async with (
+        tracked_runtime(docker_client, pool_size=1) as tracked,
+        legion.Sandbox(runtime=tracked.runtime) as sandbox,
+    ):
+
+        async def one_fault(i: int) -> None:
+            assert (await sandbox.run(f"n = {i}\nn")).value == i
+            tracked.note(sandbox)
+            running = asyncio.create_task(sandbox.run("import time\ntime.sleep(120)"))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(stop_engine)
+            with pytest.raises(legion.SandboxError):
+                await asyncio.wait_for(running, 60)
+            await asyncio.to_thread(start_engine)
+            assert (await sandbox.run("'n' in dir()")).value is False  # a fresh container
+
+        await fault_series(
+            "engine restart", tracked.runtime, one_fault, live=2, docker_client=docker_client
+        )

@@ -30,7 +30,7 @@ from ..config import SandboxLimits
 from ..errors import SandboxError, SandboxStartError, UsageError
 from . import image as _image
 from .channel import ChannelServer, Connection
-from .docker_backend import LABEL, OWNER_LABEL, DockerBackend, owner_alive
+from .docker_backend import LABEL, OWNER_LABEL, ContainerStats, DockerBackend, owner_alive
 
 log = get_logger("legion.sandbox.runtime")
 
@@ -69,6 +69,12 @@ class SandboxInfo:
     """Memory in use, as ``docker stats`` counts it; None when not asked for, or unknown."""
     in_use: bool
     """Acquired by a Sandbox; False while it waits in the warm pool."""
+    limits: SandboxLimits | None = None
+    """The limits it was started with."""
+    peak_memory_bytes: int | None = None
+    """The most memory it has used, when measured and the engine says (cgroup v1)."""
+    cpu_seconds: float | None = None
+    """CPU time it has used since it started, when measured."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ class SandboxRuntime:
         self._pool_full = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
+        self._removing: set[str] = set()
+        self._unremoved: set[str] = set()
+        """Containers whose removal failed (the engine was away)."""
         self._pool_starts: set[asyncio.Task[None]] = set()
         self._waiters: deque[asyncio.Future[Lease]] = deque()
         self._containers: set[str] = set()
@@ -229,15 +238,15 @@ class SandboxRuntime:
 
     async def sandboxes(self, *, memory: bool = True) -> list[SandboxInfo]:
         """The live containers whose runner is connected: in use by a Sandbox,
-        or waiting in the pool. With ``memory``, each one's memory is read
-        from the engine (one stats call per container, all at once); nothing
-        is measured unless this is called."""
+        or waiting in the pool. With ``memory``, each one's memory (now and
+        peak) and CPU time are read from the engine (one stats call per
+        container, all at once); nothing is measured unless this is called."""
         now = time.monotonic()
         leases = [lease for lease in self._leases.values() if lease.connection.is_open]
-        usage: list[int | None] = [None] * len(leases)
+        usage: list[ContainerStats | None] = [None] * len(leases)
         if memory and leases:
             usage = await asyncio.gather(
-                *(self.backend.memory_usage(lease.container_id) for lease in leases)
+                *(self.backend.stats(lease.container_id) for lease in leases)
             )
         return [
             SandboxInfo(
@@ -245,8 +254,11 @@ class SandboxRuntime:
                 run_id=lease.run_id,
                 agent=lease.agent,
                 age_seconds=now - lease.started_at,
-                memory_bytes=used,
+                memory_bytes=used.memory_bytes if used is not None else None,
                 in_use=lease.in_use,
+                limits=lease.limits,
+                peak_memory_bytes=used.peak_memory_bytes if used is not None else None,
+                cpu_seconds=used.cpu_seconds if used is not None else None,
             )
             for lease, used in zip(leases, usage, strict=True)
         ]
@@ -314,13 +326,18 @@ class SandboxRuntime:
     def _remove(self, container_id: str) -> asyncio.Task[None]:
         async def remove() -> None:
             self._leases.pop(container_id, None)
+            self._removing.add(container_id)
             try:
                 await self.backend.remove(container_id)
             except SandboxError as exc:
-                # Kept in _containers: aclose tries again (the engine may be back by then).
+                # Tried again when the engine next starts a container, and at aclose.
+                self._unremoved.add(container_id)
                 log.warning("sandbox_remove_failed", container=container_id[:12], error=str(exc))
             else:
                 self._containers.discard(container_id)
+                self._unremoved.discard(container_id)
+            finally:
+                self._removing.discard(container_id)
 
         task = asyncio.create_task(remove())
         self._removals.add(task)
@@ -345,6 +362,8 @@ class SandboxRuntime:
             creating.add_done_callback(self._remove_if_created)
             raise
         self._containers.add(container_id)
+        for stuck in self._unremoved - self._removing:  # the engine answers again
+            self._remove(stuck)
         try:
             connection = await self._await_hello(container_id, hello, limits)
         except BaseException:

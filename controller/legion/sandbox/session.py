@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +19,13 @@ from .. import vault as _vault
 from .._log import get_logger
 from .._proto import sandbox_pb2 as pb
 from ..config import SandboxLimits
-from ..errors import SandboxClosed, SandboxCrashed, SandboxOOMKilled, SnapshotError
+from ..errors import (
+    SandboxClosed,
+    SandboxCrashed,
+    SandboxError,
+    SandboxOOMKilled,
+    SnapshotError,
+)
 from . import _codec
 from .channel import ENVELOPE_BYTES
 from .runtime import Lease, SandboxRuntime, default_runtime
@@ -147,6 +154,15 @@ class _Transfer:
         if message.last:
             self.error = message.error
             self.done.set_result(None)
+
+
+def _value_text(result: ExecResult) -> str | None:
+    """The trailing value as a trace shows it (JSON, or the repr), cut; None without one."""
+    if not result.has_value:
+        return None
+    if result.value_repr is not None:
+        return telemetry.excerpt(result.value_repr)
+    return telemetry.excerpt(json.dumps(result.value, ensure_ascii=False))
 
 
 def _truncation_marker(dropped: int) -> str:
@@ -306,6 +322,12 @@ class Sandbox:
                 timed_out=result.timed_out,
                 error=str(result.error) if result.error else None,
             )
+            if telemetry.active():  # what a trace shows; skipped when nobody listens
+                stop.update(
+                    stdout=telemetry.excerpt(result.stdout),
+                    stderr=telemetry.excerpt(result.stderr),
+                    value=_value_text(result),
+                )
             return result
 
     async def _run(self, code: str, *, timeout: float | None, reset: bool) -> ExecResult:
@@ -367,8 +389,9 @@ class Sandbox:
         Called with the lock held."""
         if self._closed:
             raise SandboxClosed("this Sandbox is closed; create a new one")
-        if self._lease is None or not self._lease.connection.is_open:
-            self._lease = None
+        if self._lease is not None and not self._lease.connection.is_open:
+            await self._discard(self._lease)  # died between runs: let its container go
+        if self._lease is None:
             await self.start()
         assert self._lease is not None
         return self._lease
@@ -556,7 +579,11 @@ class Sandbox:
         doing: str = "running code",
     ) -> SandboxCrashed:
         assert self._runtime is not None
-        state = await self._runtime.backend.wait_stopped(lease.container_id)
+        try:
+            state = await self._runtime.backend.wait_stopped(lease.container_id)
+        except SandboxError:  # the engine itself is gone: say so, after letting go
+            await self._discard(lease)
+            raise
         await self._discard(lease)
         stdout = execution.text(pb.STREAM_STDOUT)[0] if execution is not None else ""
         stderr = execution.text(pb.STREAM_STDERR)[0] if execution is not None else ""
