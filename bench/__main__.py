@@ -50,7 +50,7 @@ import docker
 
 import legion
 
-from . import peer_setup, scaling
+from . import peer_setup, remote, scaling
 from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +208,8 @@ async def bench_ours(smoke: bool) -> tuple[dict[str, Any], str]:
         measures.update(await bench_warm(runtime, n))
         image = runtime.image
         scaled, rates = await scaling.measure(runtime, smoke)
+        say("the controller API, long-lived turns and snapshots...")
+        measures.update(await remote.measure(runtime, smoke))
     measures.update(scaled)
     measures["rates"] = rates
     measures["pool_acquire"] = await bench_pool_acquire(3 if smoke else 30)
