@@ -9,8 +9,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.legion-installed
 # The Node.js interop client's packages (tests/interop), installed by npm.
 NODE_STAMP := tests/interop/node_modules/.legion-installed
+# The dashboard's browser test (tests/dashboard): playwright-core, installed by
+# npm, drives Debian's chromium.
+BROWSER_STAMP := tests/dashboard/node_modules/.legion-installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test bench image protos lint docker setup interop clean
+.PHONY: demo test bench image protos lint docker setup interop browser clean
 
 $(STAMP): pyproject.toml
 	@echo "make: setting up $(VENV) (Python packages; the first time takes a minute or two)..."
@@ -41,13 +45,34 @@ $(NODE_STAMP): tests/interop/package.json tests/interop/.npmrc
 interop: $(NODE_STAMP)
 	@true
 
+$(BROWSER_STAMP): tests/dashboard/package.json tests/dashboard/.npmrc
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "make: installing the dashboard browser test's packages (npm install in tests/dashboard)..."; \
+		cd tests/dashboard && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.legion-installed; \
+	else \
+		echo "make: npm not found, so the dashboard's browser test cannot be set up (apt-get install nodejs npm)"; \
+	fi
+
+# Debian's chromium, installed only when it is missing and this is root on Debian.
+browser: $(BROWSER_STAMP)
+	@if [ -x $(CHROMIUM) ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing Debian's chromium for the dashboard's browser test (apt-get install chromium)..."; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "make: chromium could not be installed; the dashboard's browser test will be skipped"; \
+	else \
+		echo "make: $(CHROMIUM) is missing (apt-get install chromium as root); the dashboard's browser test will be skipped"; \
+	fi
+
 # The core integration suite, run a second time with every sandbox of the
 # shared runtime under gVisor (runsc) when the engine has it.
 GVISOR_SUITE := tests/integration/test_sandbox.py tests/integration/test_agent.py \
 	tests/integration/test_live.py tests/integration/test_snapshot.py \
 	tests/integration/test_subagents.py tests/integration/test_human.py
 
-test: image interop
+test: image interop browser
 	@$(PY) -m pytest
 	@if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then \
 		echo "make: the core integration suite again, every sandbox under gVisor (runsc)..."; \
@@ -70,4 +95,5 @@ lint: setup
 	@$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules \
+		tests/dashboard/node_modules

@@ -53,7 +53,11 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
         return code if "Keeper" in messages[0]["content"] else answer
 
     with FakeOpenAIServer(reply) as model:
-        config = {"model": "openai/fake-model", "api_base": model.url, "api_key": "sk-bench"}
+        config: dict[str, Any] = {
+            "model": "openai/fake-model",
+            "api_base": model.url,
+            "api_key": "sk-bench",
+        }
 
         async def embedded() -> None:
             assert (await legion.run(Adder, "add", runtime=runtime, **config)).output == 1

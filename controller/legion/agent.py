@@ -279,6 +279,23 @@ def prompt_for(agent: type[Agent], **overrides: Any) -> str:
     return build_system_prompt(definition, config)
 
 
+def _output_excerpt(output: Any) -> str:
+    """A run's answer as a trace shows it: text, or JSON, cut."""
+    if isinstance(output, str):
+        return telemetry.excerpt(output)
+    if isinstance(output, pydantic.BaseModel):
+        return telemetry.excerpt(output.model_dump_json())
+    return telemetry.excerpt(json.dumps(output, ensure_ascii=False, default=repr))
+
+
+def _last_user_excerpt(messages: Sequence[Mapping[str, str]]) -> str:
+    """What the model is asked now (the task, or the last code result), for traces."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return telemetry.excerpt(str(message.get("content", "")))
+    return ""
+
+
 def _outcome(result: ExecResult) -> CodeOutcome:
     if result.has_value:
         text = (
@@ -425,6 +442,8 @@ class _Run:
                 if isinstance(step, Stop):
                     raise self._stopped(step)
                 run_stop.update(iterations=self.machine.iterations, usage=self.usage)
+                if telemetry.active():
+                    run_stop["output"] = _output_excerpt(step.output)
                 return RunResult(
                     step.output,
                     self.machine.iterations,
@@ -442,11 +461,15 @@ class _Run:
                     await self.sandbox.close()
 
     async def _ask_model(self, step: CallModel) -> Step:
+        traced = telemetry.active()
+        extra = {"prompt": _last_user_excerpt(step.messages)} if traced else {}
         with telemetry.span(
-            "llm.request", model=self.llm.name, messages=len(step.messages)
+            "llm.request", model=self.llm.name, messages=len(step.messages), **extra
         ) as stop:
             reply = await self.llm.complete(step.messages)
             stop["usage"] = reply.usage
+            if traced:
+                stop["reply"] = telemetry.excerpt(reply.content)
         self.usage += reply.usage
         return self.machine.on_model_reply(reply.content)
 

@@ -229,6 +229,12 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="SQLite file keeping long-lived agents' conversations across restarts "
         "(default: %(default)s); 'memory' keeps them only while the server runs",
     )
+    serve.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="also serve the web dashboard there (port 0: any free one; loopback only "
+        "without tokens); sign in with a token",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
     run = commands.add_parser(

@@ -79,6 +79,15 @@ class SandboxInfo:
     agent: str
     age_seconds: float
     memory_bytes: int
+    """In use now; 0 when unknown (as are the figures below)."""
+    memory_limit_bytes: int = 0
+    cpus: float = 0.0
+    pids: int = 0
+    """Its limits: memory (swap included), CPUs, processes."""
+    cpu_seconds: float = 0.0
+    """CPU time it has used since it started."""
+    peak_memory_bytes: int = 0
+    """The most memory it has used (0 where the engine does not say: cgroup v2)."""
 
 
 # --- translation, once ---------------------------------------------------------------------
@@ -403,7 +412,18 @@ class Client:
         """The caller's live sandboxes on the server."""
         response = await self._unary("ListSandboxes", pb.ListSandboxesRequest())
         return [
-            SandboxInfo(s.container_id, s.run_id, s.agent, s.age_seconds, s.memory_bytes)
+            SandboxInfo(
+                s.container_id,
+                s.run_id,
+                s.agent,
+                s.age_seconds,
+                s.memory_bytes,
+                memory_limit_bytes=s.memory_limit_bytes,
+                cpus=s.cpus,
+                pids=s.pids,
+                cpu_seconds=s.cpu_seconds,
+                peak_memory_bytes=s.peak_memory_bytes,
+            )
             for s in response.sandboxes
         ]
 

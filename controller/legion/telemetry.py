@@ -14,8 +14,14 @@ Event names: ``run.start|stop|exception``, ``iteration.start|stop``,
 ``llm.request.start|stop|exception``, ``sandbox.eval.start|stop``,
 ``tool.call.start|stop``. ``*.stop`` events carry ``duration`` (seconds).
 
-A handler that raises is logged and skipped; it never breaks a run. When
-OpenTelemetry is installed, the same start/stop pairs become spans.
+When anyone is subscribed, events also carry what a trace shows, as text cut
+to :data:`EXCERPT_CHARS` characters (with a marker saying how much was cut):
+``run.stop`` the ``output``; ``llm.request`` the ``prompt`` (the last user
+message) and, on ``stop``, the model's ``reply``; ``sandbox.eval.stop`` the
+code's ``stdout``, ``stderr`` and ``value`` (JSON, or the repr); ``tool.call``
+the ``call_id``, the ``args`` and ``kwargs`` as the sandbox sent them (JSON)
+and, on ``stop``, the ``result`` (JSON, or the repr). These are what the
+sandbox and the model saw; the vault never is.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 from ._log import get_logger
 
-__all__ = ["Event", "span", "subscribe"]
+__all__ = ["EXCERPT_CHARS", "Event", "active", "excerpt", "span", "subscribe"]
 
 log = get_logger("legion.telemetry")
 
@@ -59,6 +65,22 @@ def subscribe(handler: Handler) -> Callable[[], None]:
             _handlers.remove(handler)
 
     return unsubscribe
+
+
+def active() -> bool:
+    """Whether any handler is subscribed: costly event fields are made only then."""
+    return bool(_handlers)
+
+
+EXCERPT_CHARS = 4000
+"""Characters of text (prompts, replies, output, tool arguments) an event carries."""
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[... {len(text) - limit} more characters cut ...]"
 
 
 def current_run() -> tuple[str | None, str | None]:

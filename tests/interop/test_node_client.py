@@ -43,7 +43,7 @@ def test_node_client_lists_runs_and_answers_a_human(node: str, served: Served) -
     summary = json.loads(done.stdout)
 
     agents = {agent["name"]: agent for agent in summary["agents"]}
-    assert set(agents) == {"Echo", "Coder", "Counter", "Keeper"}
+    assert set(agents) == {"Echo", "Coder", "Counter", "Keeper", "Editor"}
     assert agents["Coder"]["tools"] == ["Profile.user", "Human.ask"]
     assert agents["Coder"]["description"].startswith("Runs Python")
     assert agents["Counter"]["output_schema"] == {"type": "integer", "minimum": 0}

@@ -44,11 +44,19 @@ class Keeper(legion.Agent):
     config = {"binding_scope": "conversation", "max_iterations": 2, "max_retries": 1}
 
 
+class Editor(legion.Agent):
+    """Hands work to a sub-agent and asks a person before it answers."""
+
+    tools = [legion.SubAgents(Echo), legion.Human]
+    tool_config = {"Human": {"timeout": 120}}
+    config = {"max_iterations": 2, "max_retries": 1}
+
+
 class Base(legion.Agent, abstract=True):
     """A base for other agents."""
 
 
-REGISTRY = {"Echo": Echo, "Coder": Coder, "Counter": Counter, "Keeper": Keeper}
+REGISTRY = {"Echo": Echo, "Coder": Coder, "Counter": Counter, "Keeper": Keeper, "Editor": Editor}
 
 
 def make_registry() -> list[type[legion.Agent]]:

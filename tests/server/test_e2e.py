@@ -78,7 +78,7 @@ async def test_a_run_streams_its_events_and_ends_with_the_result(
 
 async def test_list_agents(alice: legion.Client) -> None:
     agents = {a.name: a for a in await alice.list_agents()}
-    assert sorted(agents) == ["Coder", "Counter", "Echo", "Keeper"]
+    assert sorted(agents) == ["Coder", "Counter", "Echo", "Editor", "Keeper"]
     assert agents["Coder"].description == (
         "Runs Python, with the caller's profile and a person at hand."
     )
@@ -286,7 +286,8 @@ async def test_a_client_that_goes_away_gets_its_run_cancelled_and_sandbox_remove
 
 def test_the_sync_client_has_the_same_methods(served: Served) -> None:
     with legion.SyncClient(served.address, token=served.tokens.bob) as client:
-        assert [a.name for a in client.list_agents()] == ["Coder", "Counter", "Echo", "Keeper"]
+        names = [a.name for a in client.list_agents()]
+        assert names == ["Coder", "Counter", "Echo", "Editor", "Keeper"]
         events = client.events(name_prefixes=["run."])
         names: list[str] = []
         result = client.run("Echo", "in sync", on_event=lambda e: names.append(e.name))

@@ -171,7 +171,7 @@ async def still_serving(channel: grpc.aio.Channel, token: str) -> None:
     listed = await channel.unary_unary(
         SERVICE + "ListAgents", response_deserializer=pb.ListAgentsResponse.FromString
     )(b"", metadata=metadata, timeout=30)
-    assert sorted(a.name for a in listed.agents) == ["Coder", "Counter", "Echo", "Keeper"]
+    assert sorted(a.name for a in listed.agents) == ["Coder", "Counter", "Echo", "Editor", "Keeper"]
     request = pb.RunRequest(agent="Echo", task="still here").SerializeToString()
     updates = [
         pb.RunUpdate.FromString(u)

@@ -186,18 +186,28 @@ class ListSandboxesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SandboxInfo(_message.Message):
-    __slots__ = ("container_id", "run_id", "agent", "age_seconds", "memory_bytes")
+    __slots__ = ("container_id", "run_id", "agent", "age_seconds", "memory_bytes", "memory_limit_bytes", "cpus", "pids", "cpu_seconds", "peak_memory_bytes")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     run_id: str
     agent: str
     age_seconds: float
     memory_bytes: int
-    def __init__(self, container_id: _Optional[str] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., age_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    memory_limit_bytes: int
+    cpus: float
+    pids: int
+    cpu_seconds: float
+    peak_memory_bytes: int
+    def __init__(self, container_id: _Optional[str] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., age_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., cpus: _Optional[float] = ..., pids: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ListSandboxesResponse(_message.Message):
     __slots__ = ("sandboxes",)

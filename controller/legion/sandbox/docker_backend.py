@@ -96,6 +96,31 @@ def memory_from_stats(stats: dict[str, Any]) -> int | None:
     return usage - inactive if isinstance(inactive, int) and inactive < usage else usage
 
 
+@dataclass(frozen=True)
+class ContainerStats:
+    """One reading of a container's resource use (``docker stats``, one shot)."""
+
+    memory_bytes: int | None
+    """In use now, less the page cache the kernel can drop."""
+    peak_memory_bytes: int | None
+    """The most it has used; None where the engine does not say (cgroup v2)."""
+    cpu_seconds: float | None
+    """CPU time used since it started."""
+
+
+def stats_from(answer: dict[str, Any]) -> ContainerStats:
+    """The figures of an engine's stats answer (empty or partial for a stopped one)."""
+    memory = answer.get("memory_stats") or {}
+    peak = memory.get("max_usage")
+    usage = (answer.get("cpu_stats") or {}).get("cpu_usage") or {}
+    total = usage.get("total_usage")
+    return ContainerStats(
+        memory_bytes=memory_from_stats(answer),
+        peak_memory_bytes=peak if isinstance(peak, int) and peak > 0 else None,
+        cpu_seconds=total / 1e9 if isinstance(total, int) else None,
+    )
+
+
 class DockerBackend:
     """Creates, inspects and removes sandbox containers."""
 
@@ -219,6 +244,12 @@ class DockerBackend:
     async def memory_usage(self, container_id: str) -> int | None:
         """Bytes of memory the container uses now, counted as ``docker stats``
         counts them; None when it is gone. One non-streaming stats call."""
+        found = await self.stats(container_id)
+        return found.memory_bytes if found is not None else None
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        """Memory now and at its peak, and CPU time used; None when the
+        container is gone. One non-streaming stats call."""
         api = self.client.api
         # Without one-shot the engine waits for a second sample (CPU figures).
         one_shot = None if docker.utils.version_lt(api.api_version, "1.41") else True
@@ -234,7 +265,7 @@ class DockerBackend:
             found = await self._call("reading a sandbox container's stats", stats)
         except BackendError:  # gone
             return None
-        return memory_from_stats(found)
+        return stats_from(found)
 
     async def wait_stopped(self, container_id: str, timeout: float = 5.0) -> ContainerState | None:
         deadline = time.monotonic() + timeout

@@ -305,13 +305,27 @@ class ToolDispatcher:
                 raise ValueError("expected a JSON array and a JSON object")
         except ValueError as exc:
             return _error(call.call_id, "ToolArgumentError", f"{label}: malformed arguments: {exc}")
+        traced = telemetry.active()
+        extra = (  # what a trace shows, as the sandbox sent it; skipped when nobody listens
+            {
+                "call_id": call.call_id[:100],
+                "args": telemetry.excerpt(call.args_json or "[]"),
+                "kwargs": telemetry.excerpt(call.kwargs_json or "{}"),
+            }
+            if traced
+            else {}
+        )
         async with self._slots:
-            with telemetry.span("tool.call", tool=call.tool, function=call.function) as stop:
+            with telemetry.span(
+                "tool.call", tool=call.tool, function=call.function, **extra
+            ) as stop:
                 result = await self._invoke(
                     call.call_id, label, fn, args=args, kwargs=kwargs, context=context
                 )
                 if result.WhichOneof("outcome") == "error":
                     stop["error"] = f"{result.error.type}: {result.error.message[:200]}"
+                elif traced:
+                    stop["result"] = telemetry.excerpt(result.value.json or result.value.repr)
             return result
 
     async def _invoke(

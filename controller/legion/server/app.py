@@ -13,12 +13,15 @@ import asyncio
 import contextlib
 import importlib
 import os
+import shutil
 import signal
+import ssl
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -37,7 +40,10 @@ from ..store import SQLiteStore
 from .auth import Authenticator, AuthInterceptor
 from .service import SERVICE_NAME, ControllerService
 
-__all__ = ["ControllerServer", "ServerSettings", "check_listen", "load_registry"]
+if TYPE_CHECKING:
+    from ..dashboard import Dashboard
+
+__all__ = ["ControllerServer", "ServerSettings", "check_dashboard", "check_listen", "load_registry"]
 
 log = get_logger("legion.server")
 
@@ -71,6 +77,10 @@ class ServerSettings:
     store: Path | None = None
     """SQLite file for long-lived agents' conversations (history and binding
     snapshots survive a restart); None keeps them in memory."""
+    dashboard: str | None = None
+    """``HOST:PORT`` of the web dashboard (port 0 picks a free one); None: no
+    dashboard. Like ``listen``, only a loopback host without tokens; HTTPS
+    (with the same client certificates) when TLS is on."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -146,12 +156,14 @@ def _entries(spec: str, registry: Any) -> list[tuple[Any, Any]]:
 # --- where to listen ---------------------------------------------------------------------
 
 
-def _split(listen: str) -> tuple[str, int]:
+def _split(listen: str, option: str = "--listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
+        example = "127.0.0.1:50051" if option == "--listen" else "127.0.0.1:8080"
+        alternative = " or unix:/path" if option == "--listen" else ""
         raise UsageError(
-            f"--listen takes HOST:PORT (e.g. 127.0.0.1:50051; port 0 picks a free one) "
-            f"or unix:/path, got {listen!r}"
+            f"{option} takes HOST:PORT (e.g. {example}; port 0 picks a free one)"
+            f"{alternative}, got {listen!r}"
         )
     return host.removeprefix("[").removesuffix("]"), int(port)
 
@@ -178,6 +190,17 @@ def check_listen(listen: str, *, authenticated: bool) -> None:
         )
 
 
+def check_dashboard(address: str, *, authenticated: bool) -> None:
+    """Refuse a dashboard address other than loopback without tokens."""
+    host, _ = _split(address, "--dashboard")
+    if not authenticated and not is_loopback_host(host):
+        raise UsageError(
+            f"refusing to serve the dashboard on {address} without tokens: anyone who can "
+            "reach it could run agents and answer their questions. Configure tokens "
+            "(--tokens FILE or LEGION_TOKENS), or use a loopback address (127.0.0.1:PORT)"
+        )
+
+
 # --- the server ----------------------------------------------------------------------------
 
 
@@ -198,7 +221,10 @@ class ControllerServer:
         runtime: SandboxRuntime | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
-        check_listen(self.settings.listen, authenticated=self.settings.authenticator is not None)
+        authenticated = self.settings.authenticator is not None
+        check_listen(self.settings.listen, authenticated=authenticated)
+        if self.settings.dashboard is not None:
+            check_dashboard(self.settings.dashboard, authenticated=authenticated)
         self._owns_runtime = runtime is None
         self.runtime = runtime
         self._agents = agents
@@ -208,6 +234,10 @@ class ControllerServer:
         self._health: Any = None
         self._stopped = asyncio.Event()
         self._store: SQLiteStore | None = None
+        self.dashboard: Dashboard | None = None
+        self.dashboard_url = ""
+        """Where the dashboard answers (``http://HOST:PORT``), once started."""
+        self._private_dir: Path | None = None
 
     async def start(self) -> str:
         """Start the runtime and serve; returns the address bound."""
@@ -239,6 +269,7 @@ class ControllerServer:
         )
         try:
             port = self._bind(server)
+            private = self._bind_private(server) if s.dashboard is not None else ""
         except RuntimeError as exc:
             await self._close_runtime()
             raise UsageError(f"cannot listen on {s.listen}: {exc}") from None
@@ -259,7 +290,49 @@ class ControllerServer:
             tokens=s.authenticator is not None,
             agents=sorted(self._agents),
         )
+        if s.dashboard is not None:
+            await self._start_dashboard(s.dashboard, private)
         return self.address
+
+    def _bind_private(self, server: Any) -> str:
+        """A Unix socket only this user can reach, for the dashboard's clients: the
+        same service and interceptor as the public address, without its TLS (whose
+        client certificates the dashboard could not present)."""
+        self._private_dir = Path(tempfile.mkdtemp(prefix="legion-api-"))  # mode 0700
+        address = f"unix:{self._private_dir / 'api.sock'}"
+        server.add_insecure_port(address)
+        return address
+
+    async def _start_dashboard(self, listen: str, api_address: str) -> None:
+        from ..dashboard import Dashboard  # noqa: PLC0415 - aiohttp only when asked for
+
+        host, port = _split(listen, "--dashboard")
+        try:
+            dashboard = Dashboard(
+                api_address=api_address,
+                agents=self._agents,
+                run_config=self.settings.run_config,
+                authenticator=self.settings.authenticator,
+                host=host,
+                port=port,
+                ssl_context=self._dashboard_tls(),
+            )
+            self.dashboard_url = await dashboard.start()
+        except OSError as exc:  # the port is taken, or a TLS file will not load
+            await self.stop(grace=0)
+            raise UsageError(f"cannot serve the dashboard on {listen}: {exc}") from None
+        self.dashboard = dashboard
+
+    def _dashboard_tls(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=s.tls_client_ca)
+        return context
 
     def _bind(self, server: Any) -> int:
         s = self.settings
@@ -295,9 +368,14 @@ class ControllerServer:
             stopping = asyncio.ensure_future(self._server.stop(grace + 5.0))
         if self.service is not None:
             await self.service.drain(grace)
+        if self.dashboard is not None:  # after the drain: its chats are runs in flight too
+            await self.dashboard.close()
+        if self.service is not None:
             await self.service.aclose()
         if stopping is not None:
             await stopping
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         await self._close_runtime()
         if self._store is not None:
             self._store.close()
@@ -324,8 +402,10 @@ async def serve(
     settings: ServerSettings,
     *,
     on_listening: Callable[[str], None] | None = None,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_dashboard``
+    gets the dashboard's URL (before ``on_listening`` gets the API's address)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -334,6 +414,8 @@ async def serve(
     server = ControllerServer(agents, settings)
     try:
         address = await server.start()
+        if on_dashboard is not None and server.dashboard_url:
+            on_dashboard(server.dashboard_url)
         if on_listening is not None:
             on_listening(address)
         await stop.wait()

@@ -18,7 +18,7 @@ from ..agent import Agent, RunResult
 from ..agent import run as run_agent
 from ..client import Client
 from ..errors import LegionError, UsageError
-from .app import ServerSettings, check_listen, load_registry
+from .app import ServerSettings, check_dashboard, check_listen, load_registry
 from .app import serve as serve_forever
 from .auth import TokenTable
 from .service import to_json
@@ -51,8 +51,11 @@ def serve(args: argparse.Namespace) -> int:
             max_concurrent_runs=args.max_concurrent_runs,
             pool_size=args.pool_size,
             store=None if args.store == "memory" else Path(args.store),
+            dashboard=args.dashboard,
         )
         check_listen(settings.listen, authenticated=authenticator is not None)
+        if settings.dashboard is not None:
+            check_dashboard(settings.dashboard, authenticated=authenticator is not None)
     except UsageError as exc:
         print(f"legion serve: {exc}", file=sys.stderr)
         return USAGE_EXIT
@@ -60,7 +63,14 @@ def serve(args: argparse.Namespace) -> int:
     def listening(address: str) -> None:
         print(f"legion serve: listening on {address}", flush=True)
 
-    asyncio.run(serve_forever(agents, settings, on_listening=listening))
+    def dashboard(url: str) -> None:
+        print(f"legion serve: dashboard on {url}", flush=True)
+
+    try:
+        asyncio.run(serve_forever(agents, settings, on_listening=listening, on_dashboard=dashboard))
+    except UsageError as exc:  # an address it cannot bind
+        print(f"legion serve: {exc}", file=sys.stderr)
+        return USAGE_EXIT
     return 0
 
 

@@ -38,7 +38,7 @@ from .._proto import controller_pb2 as pb
 from .._proto import controller_pb2_grpc as pb_grpc
 from ..agent import Agent, RunResult, definition_of
 from ..agent import run as run_agent
-from ..config import check_config_keys, resolve_agent_config
+from ..config import MiB, check_config_keys, resolve_agent_config
 from ..errors import ConversationError, HumanRequestNotFound, RunError, SandboxError, UsageError
 from ..models import Usage
 from ..sandbox import SandboxRuntime
@@ -787,6 +787,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             owner = self._owners.get(info.run_id or "")
             if owner is None or owner.principal.name != principal.name:
                 continue
+            limits = info.limits
             mine.append(
                 pb.SandboxInfo(
                     container_id=info.container_id,
@@ -794,6 +795,11 @@ class ControllerService(pb_grpc.ControllerServicer):
                     agent=info.agent or "",
                     age_seconds=info.age_seconds,
                     memory_bytes=info.memory_bytes or 0,
+                    memory_limit_bytes=limits.memory_mb * MiB if limits else 0,
+                    cpus=limits.cpus if limits else 0.0,
+                    pids=limits.pids if limits else 0,
+                    cpu_seconds=info.cpu_seconds or 0.0,
+                    peak_memory_bytes=info.peak_memory_bytes or 0,
                 )
             )
         return pb.ListSandboxesResponse(sandboxes=mine)
