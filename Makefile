@@ -34,24 +34,17 @@ image: setup docker
 demo: image
 	@$(PY) examples/agent_demo.py
 
-$(NODE_STAMP): tests/interop/package.json tests/interop/.npmrc
+# npm packages of a Node.js test folder (tests/interop, tests/dashboard).
+tests/%/node_modules/.legion-installed: tests/%/package.json tests/%/.npmrc
 	@if command -v npm >/dev/null 2>&1; then \
-		echo "make: installing the Node.js interop client's packages (npm install in tests/interop)..."; \
-		cd tests/interop && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.legion-installed; \
+		echo "make: installing the npm packages of tests/$* (npm install)..."; \
+		cd tests/$* && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.legion-installed; \
 	else \
-		echo "make: npm not found, so the Node.js interop client cannot be set up (apt-get install nodejs npm)"; \
+		echo "make: npm not found, so tests/$* cannot be set up (apt-get install nodejs npm)"; \
 	fi
 
 interop: $(NODE_STAMP)
 	@true
-
-$(BROWSER_STAMP): tests/dashboard/package.json tests/dashboard/.npmrc
-	@if command -v npm >/dev/null 2>&1; then \
-		echo "make: installing the dashboard browser test's packages (npm install in tests/dashboard)..."; \
-		cd tests/dashboard && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.legion-installed; \
-	else \
-		echo "make: npm not found, so the dashboard's browser test cannot be set up (apt-get install nodejs npm)"; \
-	fi
 
 # Debian's chromium, installed only when it is missing and this is root on Debian.
 browser: $(BROWSER_STAMP)

@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -51,7 +50,7 @@ import docker
 import legion
 
 from . import peer_setup, remote, scaling
-from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary
+from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,17 +101,6 @@ def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-async def _timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        await fn()
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def echo(payload: str) -> int:
     """The host tool the tool-call benchmarks call."""
     return len(payload)
@@ -138,13 +126,13 @@ async def bench_warm(runtime: legion.SandboxRuntime, n: int) -> dict[str, Any]:
             assert (await sandbox.run("echo(big)")).value == 1024 * 1024
 
         # The snippet every peer runs too: the basis of every ratio.
-        results["warm_exec"] = _summary(await _timed(n, snippet))
-        results["warm_exec_expression"] = _summary(await _timed(n, expression))
-        tool = _summary(await _timed(n, tool_tiny))
+        results["warm_exec"] = await timed(n, snippet)
+        results["warm_exec_expression"] = await timed(n, expression)
+        tool = await timed(n, tool_tiny)
         # The tool call alone: a run with a call, less a run of a bare expression.
         tool["call_only_p50_ms"] = tool["p50_ms"] - results["warm_exec_expression"]["p50_ms"]
         results["exec_with_tool_call"] = tool
-        results["exec_with_tool_call_1mib"] = _summary(await _timed(max(3, n // 10), tool_1mib))
+        results["exec_with_tool_call_1mib"] = await timed(max(3, n // 10), tool_1mib)
         results["idle_memory_mib"] = _container_memory_mib(sandbox.container_id)
     return results
 

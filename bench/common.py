@@ -7,6 +7,8 @@ peers' venv), so it needs nothing but the standard library and the Docker SDK.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import docker
@@ -20,6 +22,18 @@ EXPECTED_STDOUT = "2"
 # set one, and a name with this prefix where it lets us choose the name.
 PEER_LABEL = "legion.bench"
 PEER_NAME_PREFIX = "legion-bench-"
+
+
+async def timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) -> dict[str, Any]:
+    """Run ``fn`` ``warmup`` times, then ``n`` times timed; their :func:`summary`."""
+    for _ in range(warmup):
+        await fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await fn()
+        samples.append(time.perf_counter() - start)
+    return dict(summary(samples))
 
 
 def summary(samples: list[float]) -> dict[str, float]:

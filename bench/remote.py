@@ -11,15 +11,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import legion
 from legion.server import ControllerServer, ServerSettings
 from legion.testing import FakeOpenAIServer, action
 
-from .common import summary
+from .common import timed
 
 
 class Adder(legion.Agent):
@@ -30,17 +28,6 @@ class Keeper(legion.Agent):
     """Keeps a running total."""
 
     config: ClassVar[dict[str, Any]] = {"binding_scope": "conversation"}
-
-
-async def _timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) -> dict[str, Any]:
-    for _ in range(warmup):
-        await fn()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - start)
-    return dict(summary(samples))
 
 
 async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]:
@@ -62,7 +49,7 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
         async def embedded() -> None:
             assert (await legion.run(Adder, "add", runtime=runtime, **config)).output == 1
 
-        out["agent_run_embedded"] = await _timed(n, embedded)
+        out["agent_run_embedded"] = await timed(n, embedded)
 
         settings = ServerSettings(listen="127.0.0.1:0", run_config=config)
         async with (
@@ -73,7 +60,7 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
             async def remote() -> None:
                 assert (await client.run("Adder", "add")).output == 1
 
-            out["agent_run_remote"] = await _timed(n, remote)
+            out["agent_run_remote"] = await timed(n, remote)
         out["agent_run_remote"]["over_embedded_p50_ms"] = (
             out["agent_run_remote"]["p50_ms"] - out["agent_run_embedded"]["p50_ms"]
         )
@@ -83,7 +70,7 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
             async def turn() -> None:
                 await handle.call("add")
 
-            out["long_lived_turn"] = await _timed(n, turn)
+            out["long_lived_turn"] = await timed(n, turn)
 
     async with (
         legion.Sandbox(runtime=runtime) as source,
@@ -98,7 +85,7 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
         async def restore() -> None:
             await target.restore(snap.blob)
 
-        out["snapshot_small"] = await _timed(n, snapshot)
-        out["restore_small"] = await _timed(n, restore)
+        out["snapshot_small"] = await timed(n, snapshot)
+        out["restore_small"] = await timed(n, restore)
         out["snapshot_small_blob_bytes"] = len(snap.blob)
     return out
