@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import NoReturn
 
 import docker
 import pytest
@@ -32,14 +33,19 @@ def _docker_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    problem = _docker_problem()
-    if problem is None:
-        return
+def missing(problem: str) -> NoReturn:
+    """Skip the test for want of something it needs; under
+    LEGION_REQUIRE_DOCKER=1 (CI, where everything must run) fail instead."""
     if REQUIRE_DOCKER:
         pytest.fail(f"LEGION_REQUIRE_DOCKER=1 but {problem}", pytrace=False)
     pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    problem = _docker_problem()
+    if problem is not None:
+        missing(problem)
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +59,7 @@ def gvisor_ready(docker_client: docker.DockerClient) -> None:
     it, or fails under LEGION_REQUIRE_DOCKER=1 (CI)."""
     if "runsc" in docker_client.info().get("Runtimes", {}):
         return
-    problem = "runsc is not registered with the Docker engine; run scripts/ensure-gvisor"
-    if REQUIRE_DOCKER:
-        pytest.fail(problem, pytrace=False)
-    pytest.skip(problem)
+    missing("runsc is not registered with the Docker engine; run scripts/ensure-gvisor")
 
 
 CONTAINER_RUNTIME = os.environ.get("LEGION_TEST_RUNTIME") or None

@@ -5,7 +5,6 @@ installs both)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import ssl
@@ -17,6 +16,7 @@ import aiohttp
 import pytest
 
 from legion.testing import FakeOpenAIServer
+from tests.conftest import missing
 from tests.server import conftest as server_fixtures
 from tests.server.conftest import (
     ServerProcess,
@@ -25,6 +25,7 @@ from tests.server.conftest import (
     server_env,
     start_server,
     stop_cleanly,
+    write_token_file,
 )
 
 # The controller-service tests' fixtures, by name: its fake model and tokens.
@@ -37,13 +38,6 @@ HERE = Path(__file__).parent
 CHROMIUM = Path("/usr/bin/chromium")
 DASHBOARD_LINE = re.compile(r"legion serve: dashboard on (\S+)")
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-REQUIRE = os.environ.get("LEGION_REQUIRE_DOCKER") == "1"
-
-
-def _missing(problem: str) -> None:
-    if REQUIRE:  # CI: these tests must run
-        pytest.fail(problem, pytrace=False)
-    pytest.skip(problem)
 
 
 @pytest.fixture(scope="package")
@@ -51,7 +45,7 @@ def node() -> str:
     """node, with playwright-core installed in tests/dashboard."""
     found = shutil.which("node")
     if found is None:
-        _missing("node is not installed (apt-get install nodejs npm): no browser test")
+        missing("node is not installed (apt-get install nodejs npm): no browser test")
     assert found is not None
     if not (HERE / "node_modules" / "playwright-core").is_dir():
         pytest.fail(
@@ -66,7 +60,7 @@ def node() -> str:
 def chromium(node: str) -> Path:
     """Debian's chromium (`make test` installs it when it can)."""
     if not CHROMIUM.exists():
-        _missing(f"{CHROMIUM} is missing (apt-get install chromium): no browser test")
+        missing(f"{CHROMIUM} is missing (apt-get install chromium): no browser test")
     return CHROMIUM
 
 
@@ -92,12 +86,7 @@ def dashboard(
 ) -> Iterator[Served]:
     """`legion serve --dashboard 127.0.0.1:0` with tokens for alice, bob and carol."""
     where = tmp_path_factory.mktemp("dashboard")
-    token_file = where / "tokens.toml"
-    token_file.write_text(
-        f'["{tokens.alice}"]\nname = "alice"\nvault = {{ user = "alice" }}\n\n'
-        f'["{tokens.bob}"]\nname = "bob"\nvault = {{ user = "bob" }}\n\n'
-        f'["{tokens.carol}"]\nname = "carol"\n'
-    )
+    token_file = write_token_file(where, tokens)
     server = start_server(
         [
             *("--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0"),

@@ -4,12 +4,12 @@ fake model on loopback, its tokens. Here: the Node.js client's set-up."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing
 from tests.server.conftest import (  # noqa: F401 - fixtures, used by name
     Served,
     fake_model,
@@ -27,10 +27,7 @@ def node() -> str:
     """The node binary, with the client's packages installed (`make test` does it)."""
     found = shutil.which("node")
     if found is None:
-        problem = "node is not installed (apt-get install nodejs npm): the Node client cannot run"
-        if os.environ.get("LEGION_REQUIRE_DOCKER") == "1":  # CI: these tests must run
-            pytest.fail(problem, pytrace=False)
-        pytest.skip(problem)
+        missing("node is not installed (apt-get install nodejs npm): the Node client cannot run")
     if not (HERE / "node_modules" / "@grpc" / "grpc-js").is_dir():
         pytest.fail(
             "the Node client's packages are not installed: `make test` installs them "

@@ -207,6 +207,19 @@ def tokens() -> Tokens:
     )
 
 
+def write_token_file(where: Path, tokens: Tokens) -> Path:
+    """A token table for alice, bob and carol (who may have one run in flight),
+    each with a vault holding their user name."""
+    token_file = where / "tokens.toml"
+    token_file.write_text(
+        f'["{tokens.alice}"]\nname = "alice"\nvault = {{ user = "alice" }}\n\n'
+        f'["{tokens.bob}"]\nname = "bob"\nvault = {{ user = "bob" }}\n\n'
+        f'["{tokens.carol}"]\nname = "carol"\nmax_concurrent_runs = 1\n'
+        'vault = { user = "carol" }\n'
+    )
+    return token_file
+
+
 @dataclass(frozen=True)
 class Served:
     server: ServerProcess
@@ -226,13 +239,7 @@ def served(
 ) -> Iterator[Served]:
     """One `legion serve` with tokens for alice, bob and carol, on a free loopback port."""
     where = tmp_path_factory.mktemp("served")
-    token_file = where / "tokens.toml"
-    token_file.write_text(
-        f'["{tokens.alice}"]\nname = "alice"\nvault = {{ user = "alice" }}\n\n'
-        f'["{tokens.bob}"]\nname = "bob"\nvault = {{ user = "bob" }}\n\n'
-        f'["{tokens.carol}"]\nname = "carol"\nmax_concurrent_runs = 1\n'
-        'vault = { user = "carol" }\n'
-    )
+    token_file = write_token_file(where, tokens)
     server = start_server(
         ["--listen", "127.0.0.1:0", "--tokens", str(token_file), "--grace-seconds", "2"],
         server_env(fake_model),
