@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +38,7 @@ from typing import IO, Any
 import docker
 import pytest
 
+import legion
 from legion.sandbox.docker_backend import LABEL, OWNER_LABEL
 from legion.testing import FakeOpenAIServer, Reply, action
 
@@ -249,3 +250,17 @@ def served(
         yield Served(server, tokens)
     finally:
         stop_cleanly(server)
+
+
+@pytest.fixture
+async def alice(served: Served) -> AsyncIterator[legion.Client]:
+    """A client of the shared server with alice's token."""
+    async with legion.Client(served.address, token=served.tokens.alice) as client:
+        yield client
+
+
+@pytest.fixture
+async def bob(served: Served) -> AsyncIterator[legion.Client]:
+    """A client of the shared server with bob's token."""
+    async with legion.Client(served.address, token=served.tokens.bob) as client:
+        yield client

@@ -4,7 +4,6 @@ variables) that survives a restart of `legion serve` through its SQLite store.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,6 @@ from .conftest import Served, server_env, start_server, stop_cleanly
 from .support import next_event
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-async def alice(served: Served) -> AsyncIterator[legion.Client]:
-    async with legion.Client(served.address, token=served.tokens.alice) as client:
-        yield client
-
-
-@pytest.fixture
-async def bob(served: Served) -> AsyncIterator[legion.Client]:
-    async with legion.Client(served.address, token=served.tokens.bob) as client:
-        yield client
 
 
 async def test_calls_keep_history_and_variables(alice: legion.Client) -> None:

@@ -6,7 +6,6 @@ refusal with its status and the matching legion exception."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -23,18 +22,6 @@ from .support import Beacon, next_event, wait_for_condition
 pytestmark = pytest.mark.docker
 
 SLEEP = "#code import time\ntime.sleep(60)"
-
-
-@pytest.fixture
-async def alice(served: Served) -> AsyncIterator[legion.Client]:
-    async with legion.Client(served.address, token=served.tokens.alice) as client:
-        yield client
-
-
-@pytest.fixture
-async def bob(served: Served) -> AsyncIterator[legion.Client]:
-    async with legion.Client(served.address, token=served.tokens.bob) as client:
-        yield client
 
 
 async def test_a_run_streams_its_events_and_ends_with_the_result(
