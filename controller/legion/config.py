@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UsageError
 
@@ -65,8 +65,15 @@ class SandboxLimits:
     max_concurrent_tool_calls: int = 16
     """Tool calls from one sandbox served at once; more wait their turn."""
     tool_calls_per_second: float = 500.0
-    """Sustained tool-call rate per sandbox (a burst of this many is allowed);
-    calls beyond it fail with ``ToolRateLimited`` inside the sandbox."""
+    """Sustained tool-call rate per sandbox, with bursts of up to this many
+    calls. What a call beyond it does is ``tool_rate_limit_mode``."""
+    tool_rate_limit_mode: Literal["wait", "fail"] = "wait"
+    """``"wait"`` (the default): a call over ``tool_calls_per_second`` waits for
+    its turn, first come first served, so a loop of thousands of calls slows
+    down instead of failing. The wait is bounded by ``tool_timeout_seconds``
+    (a call whose turn is further away fails at once with ``ToolRateLimited``)
+    and by ``timeout_seconds`` of the run. ``"fail"``: the call fails at once
+    with ``ToolRateLimited`` inside the sandbox."""
 
     def __post_init__(self) -> None:
         positive = (

@@ -20,7 +20,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
@@ -28,6 +28,7 @@ from .. import telemetry
 from .._proto import sandbox_pb2 as pb
 from ..errors import UsageError
 from . import _codec
+from .channel import ENVELOPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -213,22 +214,48 @@ def _tool_executor() -> concurrent.futures.ThreadPoolExecutor:
     return _executor
 
 
+RateLimitMode = Literal["wait", "fail"]
+RATE_LIMIT_MODES: tuple[RateLimitMode, ...] = ("wait", "fail")
+"""What a tool call over the rate does (``SandboxLimits.tool_rate_limit_mode``):
+wait for its turn, or fail at once with ``ToolRateLimited``."""
+
+
 class _RateLimit:
-    """A token bucket: ``rate`` calls a second, bursts of up to ``rate``."""
+    """A token bucket: ``rate`` calls a second, bursts of up to ``rate`` (at least 1).
+
+    Waiting calls reserve their turn in the order they ask (the bucket goes
+    below zero by one token per waiter), so they are served first come, first
+    served, and their turns never come faster than ``rate``.
+    """
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.tokens = rate
-        self.stamp = time.monotonic()
+        self.burst = max(1.0, rate)  # below 1, a full bucket could never pay for a call
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
 
     def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
+        """Take a token now, if there is one."""
+        self._refill()
+        if self._tokens < 1:
             return False
-        self.tokens -= 1
+        self._tokens -= 1
         return True
+
+    def reserve(self, longest: float) -> float | None:
+        """Reserve the next turn; the seconds until it comes. None, and nothing
+        reserved, when it is more than ``longest`` seconds away."""
+        self._refill()
+        wait = max(0.0, (1 - self._tokens) / self.rate)
+        if wait > longest:
+            return None
+        self._tokens -= 1
+        return wait
 
 
 MAX_ERROR_MESSAGE = 16 * 1024
@@ -255,7 +282,12 @@ def _describe_validation(exc: pydantic.ValidationError, fn: ToolFunction) -> str
 
 
 class ToolDispatcher:
-    """Serves one sandbox's ToolCalls: allowlist, arguments, caps, then the real call."""
+    """Serves one sandbox's ToolCalls: allowlist, arguments, caps, then the real call.
+
+    ``rate_mode`` says what a call over ``rate`` calls a second does:
+    ``"wait"`` for its turn (at most ``timeout`` seconds; a longer wait fails
+    at once with ``ToolRateLimited``), or ``"fail"`` at once.
+    """
 
     def __init__(
         self,
@@ -265,11 +297,18 @@ class ToolDispatcher:
         max_concurrent: int,
         rate: float,
         max_message: int,
+        rate_mode: RateLimitMode = "wait",
     ) -> None:
+        if rate_mode not in RATE_LIMIT_MODES:
+            raise UsageError(
+                f"tool rate limit mode must be one of {', '.join(map(repr, RATE_LIMIT_MODES))}, "
+                f"got {rate_mode!r}"
+            )
         self.tools = tools
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_concurrent)
         self._rate = _RateLimit(rate)
+        self._rate_mode = rate_mode
         self._max_message = max_message
 
     async def handle(self, call: pb.ToolCall, context: contextvars.Context) -> pb.ToolResult:
@@ -292,12 +331,6 @@ class ToolDispatcher:
                 "ToolNotAllowed",
                 f"{label} is not a tool this sandbox may call (allowed: {allowed})",
             )
-        if not self._rate.take():
-            return _error(
-                call.call_id,
-                "ToolRateLimited",
-                f"{label}: more than {self._rate.rate:g} tool calls a second",
-            )
         try:
             args = json.loads(call.args_json or "[]")
             kwargs = json.loads(call.kwargs_json or "{}")
@@ -316,6 +349,13 @@ class ToolDispatcher:
             else {}
         )
         async with self._slots:
+            # The turn is taken with a concurrency slot held, so calls start at
+            # most at the rate: taken before, calls queued behind a slow one
+            # would all start at once when it ends. Holding the slot cannot
+            # deadlock: the wait is a timer, bounded, never another call.
+            refused = await self._await_turn(call.call_id, label)
+            if refused is not None:
+                return refused
             with telemetry.span(
                 "tool.call", tool=call.tool, function=call.function, **extra
             ) as stop:
@@ -327,6 +367,32 @@ class ToolDispatcher:
                 elif traced:
                     stop["result"] = telemetry.excerpt(result.value.json or result.value.repr)
             return result
+
+    async def _await_turn(self, call_id: str, label: str) -> pb.ToolResult | None:
+        """Wait for this call's turn under the rate; the error when it gets none."""
+        rate = self._rate
+        if self._rate_mode == "fail":
+            if rate.take():
+                return None
+            return _error(
+                call_id,
+                "ToolRateLimited",
+                f"{label}: more than {rate.rate:g} tool calls a second "
+                f"(SandboxLimits.tool_rate_limit_mode='fail')",
+            )
+        wait = rate.reserve(self._timeout)
+        if wait is None:
+            return _error(
+                call_id,
+                "ToolRateLimited",
+                f"{label}: over the rate of {rate.rate:g} tool calls a second, this call "
+                f"would wait longer than the tool timeout ({self._timeout:g} s) for its "
+                f"turn; make fewer calls at once, or raise "
+                f"SandboxLimits.tool_calls_per_second",
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return None
 
     async def _invoke(
         self,
@@ -370,11 +436,11 @@ class ToolDispatcher:
             return _error(call_id, type(exc).__name__, str(exc) or type(exc).__name__)
         encoded = _codec.encode(value)
         size = _codec.payload_size(encoded)
-        if size > self._max_message - 4096:
+        if size > self._max_message - ENVELOPE_BYTES:
             return _error(
                 call_id,
                 "MessageTooLarge",
                 f"{label} returned {size} bytes; a tool result may be at most "
-                f"{self._max_message - 4096} bytes",
+                f"{self._max_message - ENVELOPE_BYTES} bytes",
             )
         return pb.ToolResult(call_id=call_id, value=encoded)
