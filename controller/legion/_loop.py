@@ -20,10 +20,45 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
-ActionKind = Literal["eval_and_continue", "eval_and_complete", "return", "done"]
-ALL_ACTIONS: tuple[ActionKind, ...] = ("eval_and_continue", "eval_and_complete", "return", "done")
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One kind of action: what the prompt tells the model about it, and how a run treats it."""
+
+    description: str
+    """How the system prompt explains it to the model."""
+    finishes: bool
+    """It ends the run (with an answer, or none for ``done``)."""
+    runs_code: bool
+    """It carries ``code``, which runs in the sandbox."""
+
+
+ACTIONS: Mapping[str, ActionSpec] = MappingProxyType(
+    {
+        "eval_and_continue": ActionSpec(
+            "run `code` in the sandbox; you then see the value of its last expression, what it "
+            "printed, or its error, and take another step",
+            finishes=False,
+            runs_code=True,
+        ),
+        "eval_and_complete": ActionSpec(
+            "run `code`; the value of its last expression is your final answer",
+            finishes=True,
+            runs_code=True,
+        ),
+        "return": ActionSpec(
+            "`result` is your final answer; no code runs", finishes=True, runs_code=False
+        ),
+        "done": ActionSpec(
+            "finish without an answer (when the task needs none)", finishes=True, runs_code=False
+        ),
+    }
+)
+"""Every action, the one table the step machine, the prompt and the agent checks read."""
+ALL_ACTIONS: tuple[str, ...] = tuple(ACTIONS)
 _KEYS = {"action", "code", "result"}
 
 
@@ -37,7 +72,8 @@ class InvalidOutput(ValueError):
 
 @dataclass(frozen=True)
 class Action:
-    kind: ActionKind
+    kind: str
+    """A key of :data:`ACTIONS`."""
     code: str = ""
     result: Any = None
 
@@ -113,7 +149,7 @@ def parse_action(text: str, allowed: Sequence[str] = ALL_ACTIONS) -> Action:
         raise InvalidReply(f"unknown action {kind!r}; use one of {', '.join(allowed)}")
     if kind not in allowed:
         raise InvalidReply(f"action {kind!r} is not allowed here; use one of {', '.join(allowed)}")
-    if kind in ("eval_and_continue", "eval_and_complete"):
+    if ACTIONS[kind].runs_code:
         code = obj.get("code")
         if not isinstance(code, str) or not code.strip():
             raise InvalidReply(f'{kind} needs "code": a non-empty string of Python')
@@ -187,7 +223,7 @@ class StepMachine:
         if action.kind == "done":
             return Finish(None)
         self._pending = action
-        return RunCode(action.code, complete=action.kind == "eval_and_complete")
+        return RunCode(action.code, complete=ACTIONS[action.kind].finishes)
 
     def on_code_result(self, outcome: CodeOutcome) -> Step:
         action, self._pending = self._pending, None
@@ -195,7 +231,7 @@ class StepMachine:
             raise RuntimeError("on_code_result without a pending RunCode")
         if not outcome.ok:
             return self._failure(self._describe_error(outcome))
-        if action.kind == "eval_and_complete":
+        if ACTIONS[action.kind].finishes:
             if not outcome.has_value:
                 return self._failure(
                     "eval_and_complete returns the value of your code's last expression, and "

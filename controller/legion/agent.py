@@ -33,6 +33,7 @@ from . import human, telemetry
 from ._ctx import bound
 from ._log import get_logger
 from ._loop import (
+    ACTIONS,
     ALL_ACTIONS,
     CallModel,
     CodeOutcome,
@@ -186,10 +187,11 @@ def _define(cls: type[Agent]) -> AgentDefinition:
             f"{name}.action_types must be a non-empty selection of "
             f"{list(ALL_ACTIONS)}; got {list(actions)}"
         )
-    if not any(a in actions for a in ("eval_and_complete", "return", "done")):
+    if not any(ACTIONS[a].finishes for a in actions):
+        finishing = [a for a, action in ACTIONS.items() if action.finishes]
         raise UsageError(
             f"{name}.action_types allows no way to finish: include "
-            "eval_and_complete, return or done"
+            f"{', '.join(finishing[:-1])} or {finishing[-1]}"
         )
     return AgentDefinition(
         name=name,

@@ -10,18 +10,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from ._loop import ACTIONS
 from .config import AgentConfig, SandboxLimits
 
 if TYPE_CHECKING:
     from .agent import AgentDefinition
-
-_ACTIONS = {
-    "eval_and_continue": "run `code` in the sandbox; you then see the value of its last "
-    "expression, what it printed, or its error, and take another step",
-    "eval_and_complete": "run `code`; the value of its last expression is your final answer",
-    "return": "`result` is your final answer; no code runs",
-    "done": "finish without an answer (when the task needs none)",
-}
 
 _SCOPES = {
     "iteration": "Each step starts with an empty namespace: variables do NOT survive from one "
@@ -47,7 +40,7 @@ def build_system_prompt(definition: AgentDefinition, config: AgentConfig) -> str
     if definition.system_prompt is not None:
         return definition.system_prompt
     limits = config.sandbox_limits or SandboxLimits()
-    actions = "\n".join(f"- `{a}`: {_ACTIONS[a]}" for a in definition.action_types)
+    actions = "\n".join(f"- `{a}`: {ACTIONS[a].description}" for a in definition.action_types)
     example = '{"action": "eval_and_continue", "code": "rows = Store.search(\\"x\\")\\nlen(rows)"}'
     parts = [
         f"You are {definition.name}. {definition.doc}",
