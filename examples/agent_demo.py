@@ -147,7 +147,8 @@ async def main() -> None:
     print(f"\nAnswer: {result.output}")
     print(
         f"Steps: {result.iterations} continue + 1 final; model requests: {result.usage.requests}; "
-        f"tokens: {result.usage.total_tokens}; tool calls: {events.count('tool.call.stop')}"
+        f"tokens: {result.usage.total_tokens}; "
+        f"tool calls: {events.count(legion.telemetry.TOOL_CALL_STOP)}"
     )
     left = [
         t for t, d in STORE.execute("select title, done from tasks where user = 'ada'") if not d

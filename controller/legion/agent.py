@@ -432,7 +432,7 @@ class _Run:
         with (
             bound(current_runtime, self.runtime),
             bound(human.asking_agent, name),
-            telemetry.span("run", agent=name, task=self.task) as run_stop,
+            telemetry.span(telemetry.RUN, agent=name, task=self.task) as run_stop,
         ):
             try:
                 step: Step = self.machine.start()
@@ -466,7 +466,7 @@ class _Run:
         traced = telemetry.active()
         extra = {"prompt": _last_user_excerpt(step.messages)} if traced else {}
         with telemetry.span(
-            "llm.request", model=self.llm.name, messages=len(step.messages), **extra
+            telemetry.LLM_REQUEST, model=self.llm.name, messages=len(step.messages), **extra
         ) as stop:
             reply = await self.llm.complete(step.messages)
             stop["usage"] = reply.usage
@@ -482,7 +482,9 @@ class _Run:
                 if self._borrow is not None
                 else await new_sandbox(self.definition, self.config, self.vault, self.runtime)
             )
-        with telemetry.span("iteration", index=self.machine.iterations + 1, complete=step.complete):
+        with telemetry.span(
+            telemetry.ITERATION, index=self.machine.iterations + 1, complete=step.complete
+        ):
             try:
                 result = await self.sandbox.run(
                     step.code,

@@ -6,7 +6,7 @@
 
         async with client.events() as events:      # subscribed once entered
             async for event in events:
-                if event.name == "human.request":
+                if event.name == legion.telemetry.HUMAN_REQUEST:
                     await client.respond_human(event.data["ref"], "yes")
 
 Results come back as :class:`legion.RunResult`, events as

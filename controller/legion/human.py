@@ -150,7 +150,7 @@ class Human:
         task = asyncio.create_task(_ask_handler(answering, request)) if answering else None
         try:
             telemetry.emit(
-                "human.request",
+                telemetry.HUMAN_REQUEST,
                 ref=request.ref,
                 agent=request.agent,
                 question=question,
@@ -159,9 +159,9 @@ class Human:
             try:
                 value = await asyncio.wait_for(asyncio.shield(answer), timeout)
             except TimeoutError:
-                telemetry.emit("human.timeout", ref=request.ref, timeout=timeout)
+                telemetry.emit(telemetry.HUMAN_TIMEOUT, ref=request.ref, timeout=timeout)
                 raise TimeoutError(f"nobody answered the question within {timeout:g} s") from None
-            telemetry.emit("human.response", ref=request.ref)
+            telemetry.emit(telemetry.HUMAN_RESPONSE, ref=request.ref)
             return value
         finally:
             _pending.pop(request.ref, None)

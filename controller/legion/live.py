@@ -109,7 +109,10 @@ async def start(
         on_human=on_human,
     )
     telemetry.emit(
-        "conversation.start", conversation_id=record.id, agent=definition.name, turns=record.turns
+        telemetry.CONVERSATION_START,
+        conversation_id=record.id,
+        agent=definition.name,
+        turns=record.turns,
     )
     return handle
 
@@ -245,7 +248,7 @@ class AgentHandle:
             self._queue.put_nowait(None)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._worker)
-        telemetry.emit("conversation.stop", conversation_id=self.id, agent=self.agent)
+        telemetry.emit(telemetry.CONVERSATION_STOP, conversation_id=self.id, agent=self.agent)
 
     async def __aenter__(self) -> AgentHandle:
         return self
@@ -317,11 +320,11 @@ class AgentHandle:
             human.handler(self._on_human) if self._on_human else contextlib.nullcontext(),
         ):
             data = {"conversation_id": self.id, "turn_id": turn.id, "agent": self.agent}
-            telemetry.emit("turn.start", **data)
+            telemetry.emit(telemetry.TURN_START, **data)
             try:
                 result = await driver.drive()
             except Exception as exc:
-                telemetry.emit("turn.error", **data, error=f"{type(exc).__name__}: {exc}")
+                telemetry.emit(telemetry.TURN_ERROR, **data, error=f"{type(exc).__name__}: {exc}")
                 raise
             self._record = replace(
                 self._record, messages=tuple(result.messages), turns=self._record.turns + 1
@@ -329,7 +332,7 @@ class AgentHandle:
             if keeps_bindings and self._store.durable:
                 await self._snapshot_into_record()
             await self._store.save(self._record)
-            telemetry.emit("turn.result", **data, output=result.output)
+            telemetry.emit(telemetry.TURN_RESULT, **data, output=result.output)
             return result
 
     # conversation-scope bindings ----------------------------------------------
@@ -358,7 +361,7 @@ class AgentHandle:
                 f"({exc}); compute again what you need.]"
             )
         telemetry.emit(
-            "conversation.restore",
+            telemetry.CONVERSATION_RESTORE,
             conversation_id=self.id,
             names=list(restored.names),
             lost=sorted(lost),
@@ -394,7 +397,7 @@ class AgentHandle:
         finally:
             self._sandbox = None
             await sandbox.close()
-        telemetry.emit("conversation.reclaim", conversation_id=self.id)
+        telemetry.emit(telemetry.CONVERSATION_RECLAIM, conversation_id=self.id)
 
     def _arm_idle_timer(self) -> None:
         if self._sandbox is None:

@@ -10,9 +10,12 @@ be rebuilt from the stream alone.
     >>> ...                      # run agents
     >>> unsubscribe()
 
-Event names: ``run.start|stop|exception``, ``iteration.start|stop``,
-``llm.request.start|stop|exception``, ``sandbox.eval.start|stop``,
-``tool.call.start|stop``. ``*.stop`` events carry ``duration`` (seconds).
+Event names are the constants below (``telemetry.RUN_START`` is
+``"run.start"``...), and README.md lists them with what each carries. A span
+(``run``, ``iteration``, ``llm.request``, ``sandbox.eval``, ``tool.call``)
+emits ``NAME.start``, then ``NAME.stop`` or ``NAME.exception``; those two
+carry ``duration`` (seconds). Producers and consumers both use the
+constants: a name is spelled once.
 
 When anyone is subscribed, events also carry what a trace shows, as text cut
 to :data:`EXCERPT_CHARS` characters (with a marker saying how much was cut):
@@ -36,9 +39,90 @@ from typing import Any
 
 from ._log import get_logger
 
-__all__ = ["EXCERPT_CHARS", "Event", "active", "excerpt", "span", "subscribe"]
+__all__ = ["EVENTS", "EXCERPT_CHARS", "Event", "active", "excerpt", "span", "subscribe"]
 
 log = get_logger("legion.telemetry")
+
+
+# --- event names ----------------------------------------------------------------------------
+
+# Spans: see span().
+RUN = "run"
+"""A run of an agent: ``agent``, ``task``; on stop ``iterations``, ``usage``, ``output``."""
+ITERATION = "iteration"
+"""One code step of a run: ``index``, ``complete``."""
+LLM_REQUEST = "llm.request"
+"""One model call: ``model``, ``messages``, ``prompt``; on stop ``usage``, ``reply``."""
+SANDBOX_EVAL = "sandbox.eval"
+"""Code run in a sandbox: ``code``; on stop ``success``, ``timed_out``, ``error``,
+``stdout``, ``stderr``, ``value``."""
+TOOL_CALL = "tool.call"
+"""A tool call from sandbox code: ``tool``, ``function``, ``call_id``, ``args``,
+``kwargs``; on stop ``result`` or ``error``."""
+
+
+def _span_events(span: str) -> tuple[str, str, str]:
+    return f"{span}.start", f"{span}.stop", f"{span}.exception"
+
+
+RUN_START, RUN_STOP, RUN_EXCEPTION = _span_events(RUN)
+ITERATION_START, ITERATION_STOP, ITERATION_EXCEPTION = _span_events(ITERATION)
+LLM_REQUEST_START, LLM_REQUEST_STOP, LLM_REQUEST_EXCEPTION = _span_events(LLM_REQUEST)
+SANDBOX_EVAL_START, SANDBOX_EVAL_STOP, SANDBOX_EVAL_EXCEPTION = _span_events(SANDBOX_EVAL)
+TOOL_CALL_START, TOOL_CALL_STOP, TOOL_CALL_EXCEPTION = _span_events(TOOL_CALL)
+
+HUMAN_REQUEST = "human.request"
+"""Sandbox code asks a person: ``ref``, ``agent``, ``question``, ``meta``."""
+HUMAN_RESPONSE = "human.response"
+"""The question ``ref`` was answered."""
+HUMAN_TIMEOUT = "human.timeout"
+"""Nobody answered the question ``ref`` within ``timeout`` seconds."""
+
+TURN_START = "turn.start"
+"""A long-lived agent's turn begins: ``conversation_id``, ``turn_id``, ``agent``."""
+TURN_RESULT = "turn.result"
+"""The turn answered: the same fields and ``output``."""
+TURN_ERROR = "turn.error"
+"""The turn failed: the same fields and ``error``."""
+
+CONVERSATION_START = "conversation.start"
+"""A long-lived agent started or resumed: ``conversation_id``, ``agent``, ``turns``."""
+CONVERSATION_STOP = "conversation.stop"
+"""A long-lived agent stopped: ``conversation_id``, ``agent``."""
+CONVERSATION_RESTORE = "conversation.restore"
+"""Variables of earlier turns loaded into a fresh sandbox: ``conversation_id``,
+``names``, ``lost``."""
+CONVERSATION_RECLAIM = "conversation.reclaim"
+"""An idle conversation's sandbox was snapshotted and removed: ``conversation_id``."""
+
+EVENTS: tuple[str, ...] = (
+    RUN_START,
+    RUN_STOP,
+    RUN_EXCEPTION,
+    ITERATION_START,
+    ITERATION_STOP,
+    ITERATION_EXCEPTION,
+    LLM_REQUEST_START,
+    LLM_REQUEST_STOP,
+    LLM_REQUEST_EXCEPTION,
+    SANDBOX_EVAL_START,
+    SANDBOX_EVAL_STOP,
+    SANDBOX_EVAL_EXCEPTION,
+    TOOL_CALL_START,
+    TOOL_CALL_STOP,
+    TOOL_CALL_EXCEPTION,
+    HUMAN_REQUEST,
+    HUMAN_RESPONSE,
+    HUMAN_TIMEOUT,
+    TURN_START,
+    TURN_RESULT,
+    TURN_ERROR,
+    CONVERSATION_START,
+    CONVERSATION_STOP,
+    CONVERSATION_RESTORE,
+    CONVERSATION_RECLAIM,
+)
+"""Every event name Legion emits."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +205,8 @@ except ImportError:
 def span(name: str, **data: Any) -> Iterator[dict[str, Any]]:
     """Emit ``name.start``, then ``name.stop`` (or ``name.exception``) with the
     duration. Fields added to the yielded dict go on the stop event."""
-    emit(f"{name}.start", **data)
+    start, stop, exception = _span_events(name)
+    emit(start, **data)
     extra: dict[str, Any] = {}
     started = time.perf_counter()
     otel = (
@@ -134,13 +219,13 @@ def span(name: str, **data: Any) -> Iterator[dict[str, Any]]:
             yield extra
         except BaseException as exc:
             emit(
-                f"{name}.exception",
+                exception,
                 **data,
                 duration=time.perf_counter() - started,
                 error=f"{type(exc).__name__}: {exc}",
             )
             raise
-        emit(f"{name}.stop", **data, **extra, duration=time.perf_counter() - started)
+        emit(stop, **data, **extra, duration=time.perf_counter() - started)
 
 
 def _otel_attributes(data: Mapping[str, Any]) -> dict[str, Any]:

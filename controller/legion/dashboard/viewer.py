@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .. import telemetry
 from .._log import get_logger
 from ..client import Client, EventStream
 from ..errors import LegionError
@@ -29,7 +30,23 @@ LISTENER_BUFFER = 2000
 browser reconnects, receiving the whole of its lists again."""
 SANDBOX_READ_GAP = 1.0
 """Seconds between two readings of the sandboxes, at the most often."""
-SANDBOX_EVENTS = ("run.", "sandbox.eval.", "iteration.", "tool.call.stop", "human.")
+SANDBOX_EVENTS = frozenset(
+    {
+        telemetry.RUN_START,
+        telemetry.RUN_STOP,
+        telemetry.RUN_EXCEPTION,
+        telemetry.SANDBOX_EVAL_START,
+        telemetry.SANDBOX_EVAL_STOP,
+        telemetry.SANDBOX_EVAL_EXCEPTION,
+        telemetry.ITERATION_START,
+        telemetry.ITERATION_STOP,
+        telemetry.ITERATION_EXCEPTION,
+        telemetry.TOOL_CALL_STOP,
+        telemetry.HUMAN_REQUEST,
+        telemetry.HUMAN_RESPONSE,
+        telemetry.HUMAN_TIMEOUT,
+    }
+)
 """Events after which the sandboxes are read again (when a page shows them)."""
 
 
@@ -80,7 +97,7 @@ class Viewer:
         try:
             async for event in stream:
                 self.publish(self.state.apply(event))
-                if event.name.startswith(SANDBOX_EVENTS):
+                if event.name in SANDBOX_EVENTS:
                     self.want_sandboxes()
         except LegionError as exc:
             log.info("dashboard_events_ended", principal=self.principal, reason=str(exc))

@@ -91,23 +91,22 @@ class Progress:
         name = event.name
         took = f" in {d['duration']:.1f}s" if isinstance(d.get("duration"), (int, float)) else ""
         line, doing = None, None
-        if name == "run.start":
+        if name == telemetry.RUN_START:
             line = f"run {d.get('agent', '')} started (run {(event.run_id or '')[:8]})"
-        elif name in ("run.stop", "run.exception"):
-            line = (
-                f"run {d.get('agent', '')} {'finished' if name == 'run.stop' else 'failed'}{took}"
-            )
-        elif name == "llm.request.start":
+        elif name in (telemetry.RUN_STOP, telemetry.RUN_EXCEPTION):
+            outcome = "finished" if name == telemetry.RUN_STOP else "failed"
+            line = f"run {d.get('agent', '')} {outcome}{took}"
+        elif name == telemetry.LLM_REQUEST_START:
             line, doing = f"  asking the model ({d.get('model', '?')})", "waiting for the model"
-        elif name == "llm.request.stop":
+        elif name == telemetry.LLM_REQUEST_STOP:
             line = f"  the model answered{took}"
-        elif name == "iteration.start":
+        elif name == telemetry.ITERATION_START:
             line, doing = f"  step {d.get('index', '?')}: running code", "running code"
-        elif name in ("iteration.stop", "iteration.exception"):
+        elif name in (telemetry.ITERATION_STOP, telemetry.ITERATION_EXCEPTION):
             line = f"  step {d.get('index', '?')} done{took}"
-        elif name == "tool.call.start":
+        elif name == telemetry.TOOL_CALL_START:
             line = f"    tool {d.get('tool', '?')}.{d.get('function', '?')}"
-        elif name == "human.request":
+        elif name == telemetry.HUMAN_REQUEST:
             line = f"  the agent asks: {d.get('question', '')} (ref {d.get('ref', '')})"
             doing = "waiting for a human"
         if name.endswith((".stop", ".exception")):

@@ -98,6 +98,9 @@ class _Served:
 
 _serving: ContextVar[_Served | None] = ContextVar("legion_served_run", default=None)
 
+_TURN_ENDS = (telemetry.TURN_RESULT, telemetry.TURN_ERROR)
+"""The events that end a turn."""
+
 
 @dataclass(eq=False)
 class _Conversation:
@@ -367,7 +370,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             served.run_id = served.run_id or event.run_id
         if served.streamed:
             _offer(served.updates, event, served, f"run {served.run_id}")
-        elif event.name in ("turn.result", "turn.error") and event.run_id == served.run_id:
+        elif event.name in _TURN_ENDS and event.run_id == served.run_id:
             for run_id in served.run_ids:  # a cast turn is over: nobody asks about it again
                 self._owners.pop(run_id, None)
         for subscriber in self._subscribers:
