@@ -19,6 +19,13 @@ goal check (our warm exec at least 50x faster than every peer's fastest
 mode), the peers' versions and why any peer could not run; writes all of it
 to bench/results/<timestamp>.json.
 
+Each measure runs on its own: one that fails (an error, or a check that saw
+something other than it must) is recorded with its error's type and message
+under "failures" in the JSON and at the end of the table, and the others
+still run. The process then exits 1, naming the failed measures and why (a
+peer that could not run counts as one). LEGION_BENCH_FAIL=name,... makes the
+named measures (shell patterns allowed) fail on purpose, for the tests.
+
 `--smoke` (the test suite's mode) runs a few iterations of our measures and
 the docker run baseline only, in well under a minute; add `--peers` to also
 run one or a few iterations of each peer (without the 10 s default-stop
@@ -41,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,7 +58,16 @@ import docker
 import legion
 
 from . import peer_setup, remote, scaling
-from .common import EXPECTED_STDOUT, SNIPPET, remove_peer_containers, summary, timed
+from .common import (
+    EXPECTED_STDOUT,
+    SNIPPET,
+    CheckFailed,
+    Measures,
+    check,
+    remove_peer_containers,
+    summary,
+    timed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,34 +123,46 @@ def echo(payload: str) -> int:
     return len(payload)
 
 
-async def bench_warm(runtime: legion.SandboxRuntime, n: int) -> dict[str, Any]:
+def check_snippet(result: Any, where: str) -> None:
+    """The snippet printed what it must (``result``: an ExecResult)."""
+    check(
+        result.stdout.strip(), EXPECTED_STDOUT, f"{SNIPPET!r} {where} printed", error=result.error
+    )
+
+
+async def bench_warm(runtime: legion.SandboxRuntime, n: int, log: Measures) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with legion.Sandbox(runtime=runtime, tools=[echo]) as sandbox:
 
         async def snippet() -> None:
-            result = await sandbox.run(SNIPPET)
-            assert result.stdout.strip() == EXPECTED_STDOUT, result
+            check_snippet(await sandbox.run(SNIPPET), "in a warm sandbox")
 
-        async def expression() -> None:
-            assert (await sandbox.run("1 + 1")).value == 2
+        async def run_value(code: str, expected: object) -> None:
+            result = await sandbox.run(code)
+            check(result.value, expected, f"value of {code!r}", error=result.error)
 
-        async def tool_tiny() -> None:
-            assert (await sandbox.run("echo('x')")).value == 1
-
-        await sandbox.run("big = 'x' * (1024 * 1024)")
-
-        async def tool_1mib() -> None:
-            assert (await sandbox.run("echo(big)")).value == 1024 * 1024
+        async def measure(name: str, count: int, code: str, expected: object) -> None:
+            value = await log.run(name, lambda: timed(count, lambda: run_value(code, expected)))
+            if value is not None:
+                results[name] = value
 
         # The snippet every peer runs too: the basis of every ratio.
-        results["warm_exec"] = await timed(n, snippet)
-        results["warm_exec_expression"] = await timed(n, expression)
-        tool = await timed(n, tool_tiny)
-        # The tool call alone: a run with a call, less a run of a bare expression.
-        tool["call_only_p50_ms"] = tool["p50_ms"] - results["warm_exec_expression"]["p50_ms"]
-        results["exec_with_tool_call"] = tool
-        results["exec_with_tool_call_1mib"] = await timed(max(3, n // 10), tool_1mib)
-        results["idle_memory_mib"] = _container_memory_mib(sandbox.container_id)
+        if (warm := await log.run("warm_exec", lambda: timed(n, snippet))) is not None:
+            results["warm_exec"] = warm
+        await measure("warm_exec_expression", n, "1 + 1", 2)
+        await measure("exec_with_tool_call", n, "echo('x')", 1)
+        if "exec_with_tool_call" in results and "warm_exec_expression" in results:
+            # The tool call alone: a run with a call, less a run of a bare expression.
+            results["exec_with_tool_call"]["call_only_p50_ms"] = (
+                results["exec_with_tool_call"]["p50_ms"] - results["warm_exec_expression"]["p50_ms"]
+            )
+        await run_value("big = 'x' * (1024 * 1024)\nlen(big)", 1024 * 1024)
+        await measure("exec_with_tool_call_1mib", max(3, n // 10), "echo(big)", 1024 * 1024)
+        memory = log.run_sync(
+            "idle_memory_mib", lambda: _container_memory_mib(sandbox.container_id)
+        )
+        if memory is not None:
+            results["idle_memory_mib"] = memory
     return results
 
 
@@ -141,9 +170,9 @@ def _summary(samples: list[float]) -> dict[str, Any]:
     return dict(summary(samples))
 
 
-def _container_memory_mib(container_id: str | None) -> float | None:
+def _container_memory_mib(container_id: str | None) -> float:
     if container_id is None:
-        return None
+        raise CheckFailed("the warm sandbox has no container to read the memory of")
     stats = docker.from_env().api.stats(container_id, stream=False)
     usage = stats.get("memory_stats", {})
     used = usage.get("usage", 0) - usage.get("stats", {}).get("total_inactive_file", 0)
@@ -168,41 +197,59 @@ async def bench_cold(n: int) -> dict[str, Any]:
         for _ in range(n):
             start = time.perf_counter()
             async with legion.Sandbox(runtime=runtime) as sandbox:
-                result = await sandbox.run(SNIPPET)
-                assert result.stdout.strip() == EXPECTED_STDOUT, result
+                check_snippet(await sandbox.run(SNIPPET), "in a cold sandbox")
                 samples.append(time.perf_counter() - start)
     return _summary(samples)
 
 
-def bench_docker_run(n: int, image: str) -> dict[str, Any]:
+def bench_docker_run(n: int, image: str | None) -> dict[str, Any]:
+    if image is None:
+        raise CheckFailed("no sandbox image to run: the shared runtime did not start")
     samples = []
     for _ in range(n):
         start = time.perf_counter()
         run = subprocess.run(
             ["docker", "run", "--rm", "--network", "none", image, "python3", "-c", SNIPPET],
-            check=True,
+            check=False,
             capture_output=True,
             text=True,
         )
         samples.append(time.perf_counter() - start)
-        assert run.stdout.strip() == EXPECTED_STDOUT, run.stdout
+        check(run.returncode, 0, "exit status of docker run", error=run.stderr.strip()[-500:])
+        check(run.stdout.strip(), EXPECTED_STDOUT, f"{SNIPPET!r} in docker run printed")
     return _summary(samples)
 
 
-async def bench_ours(smoke: bool) -> tuple[dict[str, Any], str]:
+async def bench_ours(smoke: bool, log: Measures) -> tuple[dict[str, Any], str | None]:
     n = 5 if smoke else 200
     measures: dict[str, Any] = {}
-    async with legion.SandboxRuntime(pool_size=1) as runtime:
-        measures.update(await bench_warm(runtime, n))
-        image = runtime.image
-        scaled, rates = await scaling.measure(runtime, smoke)
-        say("the controller API, long-lived turns and snapshots...")
-        measures.update(await remote.measure(runtime, smoke))
-    measures.update(scaled)
+    rates: dict[str, float] = {}
+    image: str | None = None
+
+    async def with_shared_runtime() -> None:
+        nonlocal image
+        async with legion.SandboxRuntime(pool_size=1) as runtime:
+            image = runtime.image
+            warm = await log.run("warm sandbox", lambda: bench_warm(runtime, n, log))
+            measures.update(warm or {})
+            scaled, found = await scaling.measure(runtime, smoke, log)
+            rates.update(found)
+            say("the controller API, long-lived turns and snapshots...")
+            measures.update(await remote.measure(runtime, smoke, log))
+            measures.update(scaled)
+
+    async def put(name: str, measure: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        if (value := await log.run(name, measure)) is not None:
+            measures[name] = value
+
+    async def docker_run() -> dict[str, Any]:
+        return bench_docker_run(2 if smoke else 20, image)
+
+    await log.run("shared runtime", with_shared_runtime)
     measures["rates"] = rates
-    measures["pool_acquire"] = await bench_pool_acquire(3 if smoke else 30)
-    measures["cold_start_to_first_result"] = await bench_cold(2 if smoke else 15)
-    measures["docker_run_rm_baseline"] = bench_docker_run(2 if smoke else 20, image)
+    await put("pool_acquire", lambda: bench_pool_acquire(3 if smoke else 30))
+    await put("cold_start_to_first_result", lambda: bench_cold(2 if smoke else 15))
+    await put("docker_run_rm_baseline", docker_run)
     return measures, image
 
 
@@ -289,10 +336,15 @@ def _group(name: str) -> str | None:
 
 
 def goal_check(measures: dict[str, Any], peer_measures: dict[str, Any]) -> dict[str, Any]:
-    """Each peer's fastest mode (p50) over our warm exec (p50), against the goal."""
+    """Each peer's fastest mode (p50) over our warm exec (p50), against the goal
+    (empty without a warm exec: its failure is reported instead)."""
+    if "warm_exec" not in measures:
+        return {}
     warm = measures["warm_exec"]["p50_ms"]
     fastest: dict[str, tuple[str, float]] = {}
-    candidates = {"docker_run_rm_baseline": measures["docker_run_rm_baseline"], **peer_measures}
+    candidates = dict(peer_measures)
+    if "docker_run_rm_baseline" in measures:
+        candidates["docker_run_rm_baseline"] = measures["docker_run_rm_baseline"]
     for name, value in candidates.items():
         group = _group(name)
         if group and (group not in fastest or value["p50_ms"] < fastest[group][1]):
@@ -309,14 +361,14 @@ def goal_check(measures: dict[str, Any], peer_measures: dict[str, Any]) -> dict[
     }
 
 
-def _row(name: str, value: dict[str, Any], warm: float) -> tuple[str, ...]:
+def _row(name: str, value: dict[str, Any], warm: float | None) -> tuple[str, ...]:
     return (
         name,
         str(value["n"]),
         f"{value['p50_ms']:.2f}",
         f"{value['p90_ms']:.2f}",
         f"{value['p99_ms']:.2f}",
-        _ratio(value["p50_ms"] / warm),
+        _ratio(value["p50_ms"] / warm) if warm else "-",
     )
 
 
@@ -326,7 +378,7 @@ def _ratio(ratio: float) -> str:
 
 def _table(results: dict[str, Any]) -> str:
     measures = results["measures"]
-    warm = measures["warm_exec"]["p50_ms"]
+    warm = measures["warm_exec"]["p50_ms"] if "warm_exec" in measures else None
     rows: list[tuple[str, ...]] = [("measure", "n", "p50 ms", "p90 ms", "p99 ms", "p50/warm")]
     rows += [_row(k, v, warm) for k, v in measures.items() if isinstance(v, dict) and "n" in v]
     peers = results.get("peers", {})
@@ -345,7 +397,8 @@ def _table(results: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"same snippet everywhere: {SNIPPET!r} (prints {EXPECTED_STDOUT})")
-    lines.append(f"idle sandbox memory: {measures['idle_memory_mib']} MiB")
+    if "idle_memory_mib" in measures:
+        lines.append(f"idle sandbox memory: {measures['idle_memory_mib']} MiB")
     for name, rate in measures.get("rates", {}).items():
         lines.append(f"{name}: {rate:.2f}")
     for name, ratio in results["ratios"].items():
@@ -373,6 +426,12 @@ def _table(results: dict[str, Any]) -> str:
             )
         for peer, reason in peers.get("unavailable", {}).items():
             lines.append(f"could not run {peer}: {reason}")
+    return "\n".join(lines + _footer(results))
+
+
+def _footer(results: dict[str, Any]) -> list[str]:
+    """The table's last lines: how busy the machine was, how long it took, what failed."""
+    lines = []
     busy = results["machine"]["cpu_busy_before"]
     if busy is not None and busy > BUSY_SHARE:
         lines.append("")
@@ -382,7 +441,44 @@ def _table(results: dict[str, Any]) -> str:
     if durations:
         lines.append("")
         lines.append("took: " + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items()))
-    return "\n".join(lines)
+    failures = results.get("failures", {})
+    if failures:
+        lines.append("")
+        lines.append(f"FAILED ({len(failures)}), so not in the figures above:")
+        lines += [f"  {name}: {e['type']}: {e['message']}" for name, e in failures.items()]
+    return lines
+
+
+def ratios(measures: dict[str, Any]) -> dict[str, float]:
+    """The docker run baseline over our warm exec and cold start (those measured)."""
+    if "docker_run_rm_baseline" not in measures:
+        return {}
+    baseline = measures["docker_run_rm_baseline"]["p50_ms"]
+    found = {}
+    for label, name in (
+        ("docker run --rm / warm exec (p50)", "warm_exec"),
+        ("docker run --rm / cold start (p50)", "cold_start_to_first_result"),
+    ):
+        if name in measures:
+            found[label] = baseline / measures[name]["p50_ms"]
+    return found
+
+
+def report(results: dict[str, Any], out: Path) -> int:
+    """Write the JSON, print the table, name the failed measures; the exit status."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{stamp}{'-smoke' if results['smoke'] else ''}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(_table(results))
+    print(f"\nwrote {path}")
+    failures = results["failures"]
+    if not failures:
+        return 0
+    say(f"{len(failures)} measure(s) failed:")
+    for name, error in failures.items():
+        say(f"  {name}: {error['type']}: {error['message']}")
+    return 1
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -411,24 +507,31 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     durations: dict[str, float] = {}
     peers: dict[str, Any] = {}
+    log = Measures()
+    python: Path | None = None
+    images: dict[str, Any] = {}
+    blocked: dict[str, str] = {}
     if with_peers:
         # Set-up first (it can take minutes), so nothing builds while we measure.
         say("preparing the peers (their venv and images; built only when missing or outdated)...")
-        python, images, blocked = prepare_peers()
+        prepared = log.run_sync("peer set-up", prepare_peers)
+        if prepared is not None:
+            python, images, blocked = prepared
         durations["peer set-up"] = time.perf_counter() - began
     length = "well under a minute" if args.smoke else "a few minutes"
     say(f"measuring our sandbox (the {'smoke' if args.smoke else 'full'} run takes {length})...")
     busy_before = cpu_busy()
     start = time.perf_counter()
-    measures, image = asyncio.run(bench_ours(args.smoke))
+    measures, image = asyncio.run(bench_ours(args.smoke, log))
     durations["ours"] = time.perf_counter() - start
-    if with_peers:
+    if with_peers and "peer set-up" not in log.failures:
         start = time.perf_counter()
         peers = bench_peers(args.smoke, python, images, blocked)
         durations["peers"] = time.perf_counter() - start
+        for peer, reason in peers["unavailable"].items():
+            log.failures[f"peer {peer}"] = {"type": "PeerUnavailable", "message": reason}
     durations["total"] = time.perf_counter() - began
-    baseline = measures["docker_run_rm_baseline"]["p50_ms"]
-    warm = measures["warm_exec"]["p50_ms"]
+    engine = log.run_sync("docker version", lambda: docker.from_env().version().get("Version"))
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -436,33 +539,26 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "cpu_busy_before": busy_before,
             "load_average_after": os.getloadavg(),
-            "docker": docker.from_env().version().get("Version"),
+            "docker": engine,
         },
         "legion": legion.__version__,
         "image": image,
         "snippet": SNIPPET,
         "smoke": args.smoke,
         "measures": measures,
-        "ratios": {
-            "docker run --rm / warm exec (p50)": baseline / warm,
-            "docker run --rm / cold start (p50)": baseline
-            / measures["cold_start_to_first_result"]["p50_ms"],
-        },
+        "ratios": ratios(measures),
     }
-    if with_peers:
-        peers["ratios_vs_warm_exec_p50"] = {
-            name: value["p50_ms"] / warm for name, value in peers["measures"].items()
-        }
+    if peers:
+        if "warm_exec" in measures:
+            warm = measures["warm_exec"]["p50_ms"]
+            peers["ratios_vs_warm_exec_p50"] = {
+                name: value["p50_ms"] / warm for name, value in peers["measures"].items()
+            }
         results["peers"] = peers
         results["goal"] = goal_check(measures, peers["measures"])
     results["durations_s"] = {k: round(v, 1) for k, v in durations.items()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"{stamp}{'-smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(_table(results))
-    print(f"\nwrote {path}")
-    return 0
+    results["failures"] = log.failures
+    return report(results, args.out)
 
 
 if __name__ == "__main__":

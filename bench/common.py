@@ -1,4 +1,5 @@
-"""What both sides of the bench share: the snippet, percentiles, container clean-up.
+"""What both sides of the bench share: the snippet, percentiles, checks that
+say what they saw, measures that fail on their own, container clean-up.
 
 Imported by bench/__main__.py (the project's venv) and by bench/peers.py (the
 peers' venv), so it needs nothing but the standard library and the Docker SDK.
@@ -6,10 +7,14 @@ peers' venv), so it needs nothing but the standard library and the Docker SDK.
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -22,6 +27,80 @@ EXPECTED_STDOUT = "2"
 # set one, and a name with this prefix where it lets us choose the name.
 PEER_LABEL = "legion.bench"
 PEER_NAME_PREFIX = "legion-bench-"
+
+FAIL_ENV = "LEGION_BENCH_FAIL"
+"""Comma-separated measure names (shell patterns allowed) that fail on purpose
+instead of running: how the tests show a failed measure is reported."""
+
+T = TypeVar("T")
+
+
+class CheckFailed(Exception):
+    """A measure saw something other than what it must see."""
+
+
+class InjectedFailure(Exception):
+    """A measure named in LEGION_BENCH_FAIL, failed on purpose."""
+
+
+def _shown(value: object, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check(seen: object, expected: object, what: str, *, error: object = None) -> None:
+    """Raise :class:`CheckFailed` unless ``seen == expected``, saying both (and
+    ``error``, such as a sandbox run's error, when there is one)."""
+    if seen == expected:
+        return
+    detail = f" (error: {error})" if error else ""
+    raise CheckFailed(f"{what}: expected {_shown(expected)}, got {_shown(seen)}{detail}")
+
+
+class Measures:
+    """Runs each measure on its own. One that raises (a failed check, any
+    error) is recorded with its error's type and message, and the others still
+    run; ``failures`` lists them for the results and the exit status.
+
+    A measure may run others inside it (a group sharing one sandbox): theirs
+    are recorded under their own names, and an error of the group's own set-up
+    under the group's name.
+    """
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.failures: dict[str, dict[str, str]] = {}
+        patterns = os.environ.get(FAIL_ENV, "") if fail is None else fail
+        self._fail = [p.strip() for p in patterns.split(",") if p.strip()]
+
+    async def run(self, name: str, measure: Callable[[], Awaitable[T]]) -> T | None:
+        """``measure()``'s result, or None when it failed (then recorded)."""
+        try:
+            self._injected(name)
+            return await measure()
+        except Exception as exc:
+            self.record(name, exc)
+            return None
+
+    def run_sync(self, name: str, measure: Callable[[], T]) -> T | None:
+        """:meth:`run` for a measure that is not a coroutine."""
+        try:
+            self._injected(name)
+            return measure()
+        except Exception as exc:
+            self.record(name, exc)
+            return None
+
+    def record(self, name: str, exc: BaseException) -> None:
+        message = " ".join(str(exc).split())
+        if len(message) > 2000:
+            message = f"{message[:2000]}..."
+        self.failures[name] = {"type": type(exc).__qualname__, "message": message}
+        traceback.print_exception(exc, file=sys.stderr)
+        print(f"bench: {name} failed: {type(exc).__qualname__}: {message}", file=sys.stderr)
+
+    def _injected(self, name: str) -> None:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self._fail):
+            raise InjectedFailure(f"{name} failed on purpose ({FAIL_ENV})")
 
 
 async def timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) -> dict[str, Any]:

@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import legion
 from legion.server import ControllerServer, ServerSettings
 from legion.testing import FakeOpenAIServer, action
 
-from .common import timed
+from .common import Measures, check, timed
 
 
 class Adder(legion.Agent):
@@ -30,9 +31,18 @@ class Keeper(legion.Agent):
     config: ClassVar[dict[str, Any]] = {"binding_scope": "conversation"}
 
 
-async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]:
+async def measure(runtime: legion.SandboxRuntime, smoke: bool, log: Measures) -> dict[str, Any]:
+    """The measures; one that fails is in ``log.failures`` instead."""
     n = 3 if smoke else 50
     out: dict[str, Any] = {}
+    await log.run("agent runs", lambda: _agent_runs(runtime, n, out, log))
+    await log.run("snapshots", lambda: _snapshots(runtime, n, out, log))
+    return out
+
+
+async def _agent_runs(
+    runtime: legion.SandboxRuntime, n: int, out: dict[str, Any], log: Measures
+) -> None:
     code = action("eval_and_complete", "total = globals().get('total', 0) + 1\ntotal")
     answer = action("return", result=1)
 
@@ -47,45 +57,67 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool) -> dict[str, Any]
         }
 
         async def embedded() -> None:
-            assert (await legion.run(Adder, "add", runtime=runtime, **config)).output == 1
+            result = await legion.run(Adder, "add", runtime=runtime, **config)
+            check(result.output, 1, "output of an embedded agent run")
 
-        out["agent_run_embedded"] = await timed(n, embedded)
+        await _timed_into(out, log, "agent_run_embedded", n, embedded)
 
-        settings = ServerSettings(listen="127.0.0.1:0", run_config=config)
-        async with (
-            ControllerServer({"Adder": Adder}, settings, runtime=runtime) as server,
-            legion.Client(server.address) as client,
-        ):
+        async def through_the_api() -> None:
+            settings = ServerSettings(listen="127.0.0.1:0", run_config=config)
+            async with (
+                ControllerServer({"Adder": Adder}, settings, runtime=runtime) as server,
+                legion.Client(server.address) as client,
+            ):
 
-            async def remote() -> None:
-                assert (await client.run("Adder", "add")).output == 1
+                async def remote() -> None:
+                    result = await client.run("Adder", "add")
+                    check(result.output, 1, "output of an agent run through the API")
 
-            out["agent_run_remote"] = await timed(n, remote)
-        out["agent_run_remote"]["over_embedded_p50_ms"] = (
-            out["agent_run_remote"]["p50_ms"] - out["agent_run_embedded"]["p50_ms"]
-        )
+                await _timed_into(out, log, "agent_run_remote", n, remote)
 
-        async with await legion.start(Keeper, runtime=runtime, **config) as handle:
+        await log.run("controller server", through_the_api)
+        if "agent_run_remote" in out and "agent_run_embedded" in out:
+            out["agent_run_remote"]["over_embedded_p50_ms"] = (
+                out["agent_run_remote"]["p50_ms"] - out["agent_run_embedded"]["p50_ms"]
+            )
 
-            async def turn() -> None:
-                await handle.call("add")
+        async def long_lived() -> None:
+            async with await legion.start(Keeper, runtime=runtime, **config) as handle:
 
-            out["long_lived_turn"] = await timed(n, turn)
+                async def turn() -> None:
+                    await handle.call("add")
 
+                await _timed_into(out, log, "long_lived_turn", n, turn)
+
+        await log.run("long-lived agent", long_lived)
+
+
+async def _snapshots(
+    runtime: legion.SandboxRuntime, n: int, out: dict[str, Any], log: Measures
+) -> None:
     async with (
         legion.Sandbox(runtime=runtime) as source,
         legion.Sandbox(runtime=runtime) as target,
     ):
-        await source.run("import math\nrows = [{'id': i, 'name': f'n{i}'} for i in range(100)]")
+        code = "import math\nrows = [{'id': i, 'name': f'n{i}'} for i in range(100)]"
+        made = await source.run(code)
+        check(made.error, None, "error of the code that fills the namespace")
         snap = await source.snapshot()
 
         async def snapshot() -> None:
             await source.snapshot()
 
         async def restore() -> None:
-            await target.restore(snap.blob)
+            restored = await target.restore(snap.blob)
+            check(dict(restored.failed), {}, "names a restore could not load")
 
-        out["snapshot_small"] = await timed(n, snapshot)
-        out["restore_small"] = await timed(n, restore)
+        await _timed_into(out, log, "snapshot_small", n, snapshot)
+        await _timed_into(out, log, "restore_small", n, restore)
         out["snapshot_small_blob_bytes"] = len(snap.blob)
-    return out
+
+
+async def _timed_into(
+    out: dict[str, Any], log: Measures, name: str, n: int, fn: Callable[[], Awaitable[object]]
+) -> None:
+    if (value := await log.run(name, lambda: timed(n, fn))) is not None:
+        out[name] = value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import docker
@@ -20,14 +21,16 @@ import docker
 import legion
 from legion.testing import ScriptedModel, action
 
-from .common import summary
+from .common import Measures, check, summary
 
 
 def count_chars(text: str) -> int:
     return len(text)
 
 
-async def exec_vs_output_size(runtime: legion.SandboxRuntime, n: int) -> dict[str, Any]:
+async def exec_vs_output_size(
+    runtime: legion.SandboxRuntime, n: int, log: Measures
+) -> dict[str, Any]:
     limits = legion.SandboxLimits(output_limit_bytes=16 * 1024 * 1024, timeout_seconds=60)
     out: dict[str, Any] = {}
     async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
@@ -37,30 +40,53 @@ async def exec_vs_output_size(runtime: legion.SandboxRuntime, n: int) -> dict[st
             ("1mb", 1_000_000),
             ("10mb", 10_000_000),
         ):
-            samples = []
-            for _ in range(n if size < 1_000_000 else max(2, n // 5)):
-                result = await sandbox.run(f"print('x' * {size - 1})")
-                assert len(result.stdout) == size and not result.stdout_truncated
-                samples.append(result.duration)
-            out[f"exec_output_{label}"] = summary(samples)
+
+            async def one_size(size: int = size) -> dict[str, float]:
+                samples = []
+                for _ in range(n if size < 1_000_000 else max(2, n // 5)):
+                    code = f"print('x' * {size - 1})"
+                    result = await sandbox.run(code)
+                    what = f"characters printed by {code}"
+                    check(len(result.stdout), size, what, error=result.error)
+                    check(result.stdout_truncated, False, f"{code}: stdout cut")
+                    samples.append(result.duration)
+                return summary(samples)
+
+            name = f"exec_output_{label}"
+            if (value := await log.run(name, one_size)) is not None:
+                out[name] = value
     return out
 
 
-async def exec_vs_concurrency(levels: tuple[int, ...], rounds: int) -> dict[str, Any]:
+async def exec_vs_concurrency(
+    levels: tuple[int, ...], rounds: int, log: Measures
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with legion.SandboxRuntime(pool_size=0) as runtime:
         for k in levels:
-            sandboxes = [legion.Sandbox(runtime=runtime) for _ in range(k)]
-            await asyncio.gather(*(s.start() for s in sandboxes))
-            try:
-                samples: list[float] = []
-                for _ in range(rounds):
-                    results = await asyncio.gather(*(s.run("1 + 1") for s in sandboxes))
-                    assert all(r.value == 2 for r in results)
-                    samples += [r.duration for r in results]
-                out[f"exec_with_{k}_sandboxes_running"] = summary(samples)
-            finally:
-                await asyncio.gather(*(s.close() for s in sandboxes))
+
+            async def level(k: int = k) -> dict[str, float]:
+                sandboxes = [legion.Sandbox(runtime=runtime) for _ in range(k)]
+                try:
+                    await asyncio.gather(*(s.start() for s in sandboxes))
+                    samples: list[float] = []
+                    for _ in range(rounds):
+                        results = await asyncio.gather(*(s.run("1 + 1") for s in sandboxes))
+                        errors = [str(r.error) for r in results if r.error]
+                        check(
+                            [r.value for r in results],
+                            [2] * k,
+                            f"values of '1 + 1' in {k} sandboxes at once",
+                            error="; ".join(errors),
+                        )
+                        samples += [r.duration for r in results]
+                    return summary(samples)
+                finally:
+                    await asyncio.gather(*(s.close() for s in sandboxes))
+
+            name = f"exec_with_{k}_sandboxes_running"
+            if (value := await log.run(name, level)) is not None:
+                out[name] = value
     return out
 
 
@@ -75,7 +101,8 @@ async def single_use_per_second(total: int, concurrency: int = 4) -> float:
             while not queue.empty():
                 queue.get_nowait()
                 async with legion.Sandbox(runtime=runtime) as sandbox:
-                    assert (await sandbox.run("1 + 1")).value == 2
+                    result = await sandbox.run("1 + 1")
+                    check(result.value, 2, "value of '1 + 1'", error=result.error)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -88,7 +115,8 @@ async def controller_cpu_per_tool_call(runtime: legion.SandboxRuntime, calls: in
         await sandbox.run("count_chars('warm')")
         code = f"for _ in range({calls}):\n    count_chars('x')\n'done'"
         start = time.process_time()
-        assert (await sandbox.run(code)).value == "done"
+        result = await sandbox.run(code)
+        check(result.value, "done", f"value of a loop of {calls} tool calls", error=result.error)
         return (time.process_time() - start) * 1000 / calls
 
 
@@ -109,7 +137,7 @@ async def agent_loop_overhead(agents: int, steps: int) -> dict[str, Any]:
             result = await legion.run(
                 Idle, "go", model=model, runtime=runtime, max_iterations=n_steps + 1
             )
-            assert result.iterations == n_steps
+            check(result.iterations, n_steps, "iterations of a scripted agent run")
 
         await runtime.warm()
         start = time.perf_counter()
@@ -128,47 +156,81 @@ def runsc_registered() -> bool:
     return "runsc" in docker.from_env().info().get("Runtimes", {})
 
 
-async def under_gvisor(n: int) -> dict[str, Any]:
+async def under_gvisor(n: int, log: Measures) -> dict[str, Any]:
     limits = legion.SandboxLimits(runtime="runsc")
     out: dict[str, Any] = {}
     async with legion.SandboxRuntime(pool_size=0) as runtime:
-        cold = []
-        for _ in range(max(2, n // 20)):
-            start = time.perf_counter()
-            async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
-                assert (await sandbox.run("1 + 1")).value == 2
-                cold.append(time.perf_counter() - start)
-        out["runsc_cold_start_to_first_result"] = summary(cold)
-        async with legion.Sandbox(runtime=runtime, limits=limits, tools=[count_chars]) as sandbox:
-            warm, tool = [], []
-            for _ in range(n):
-                warm.append((await sandbox.run("1 + 1")).duration)
-                tool.append((await sandbox.run("count_chars('x')")).duration)
-            out["runsc_warm_exec_expression"] = summary(warm)
-            out["runsc_exec_with_tool_call"] = summary(tool)
+
+        async def cold_start() -> dict[str, float]:
+            cold = []
+            for _ in range(max(2, n // 20)):
+                start = time.perf_counter()
+                async with legion.Sandbox(runtime=runtime, limits=limits) as sandbox:
+                    result = await sandbox.run("1 + 1")
+                    check(result.value, 2, "value of '1 + 1' under runsc", error=result.error)
+                    cold.append(time.perf_counter() - start)
+            return summary(cold)
+
+        async def warm_and_tool() -> dict[str, Any]:
+            async with legion.Sandbox(
+                runtime=runtime, limits=limits, tools=[count_chars]
+            ) as sandbox:
+                warm, tool = [], []
+                for _ in range(n):
+                    plain = await sandbox.run("1 + 1")
+                    check(plain.value, 2, "value of '1 + 1' under runsc", error=plain.error)
+                    warm.append(plain.duration)
+                    call = await sandbox.run("count_chars('x')")
+                    check(call.value, 1, "a tool call's value under runsc", error=call.error)
+                    tool.append(call.duration)
+                return {
+                    "runsc_warm_exec_expression": summary(warm),
+                    "runsc_exec_with_tool_call": summary(tool),
+                }
+
+        if (cold := await log.run("runsc_cold_start_to_first_result", cold_start)) is not None:
+            out["runsc_cold_start_to_first_result"] = cold
+        out.update(await log.run("runsc_warm_exec_and_tool_call", warm_and_tool) or {})
     return out
 
 
 async def measure(
-    runtime: legion.SandboxRuntime, smoke: bool
+    runtime: legion.SandboxRuntime, smoke: bool, log: Measures
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """The measures (summaries, for the table) and the throughputs (per second)."""
+    """The measures (summaries, for the table) and the throughputs (per second).
+    A measure that fails is in ``log.failures`` instead."""
     measures: dict[str, Any] = {}
-    measures.update(await exec_vs_output_size(runtime, 3 if smoke else 20))
-    measures.update(
-        await exec_vs_concurrency((1, 4) if smoke else (1, 4, 16, 64), 2 if smoke else 10)
+    rates: dict[str, float] = {}
+
+    async def put(into: dict[str, Any], name: str, measure: Callable[[], Awaitable[Any]]) -> None:
+        if (value := await log.run(name, measure)) is not None:
+            into[name] = value
+
+    async def merge(group: str, measures_in: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        measures.update(await log.run(group, measures_in) or {})
+
+    await merge(
+        "exec_vs_output_size", lambda: exec_vs_output_size(runtime, 3 if smoke else 20, log)
     )
+    levels = (1, 4) if smoke else (1, 4, 16, 64)
+    await merge("exec_vs_concurrency", lambda: exec_vs_concurrency(levels, 2 if smoke else 10, log))
     # Enough steps, even in the smoke run, for the difference to stand above noise.
-    measures["agent_iteration_1_agent"] = await agent_loop_overhead(1, 12 if smoke else 20)
-    measures["agent_iteration_20_agents"] = await agent_loop_overhead(
-        2 if smoke else 20, 8 if smoke else 10
+    await put(
+        measures, "agent_iteration_1_agent", lambda: agent_loop_overhead(1, 12 if smoke else 20)
     )
-    rates = {
-        "single-use sandboxes per second": await single_use_per_second(4 if smoke else 40),
-        "controller CPU ms per tool call": await controller_cpu_per_tool_call(
-            runtime, 50 if smoke else 1000
-        ),
-    }
-    if runsc_registered():
-        measures.update(await under_gvisor(3 if smoke else 100))
+    await put(
+        measures,
+        "agent_iteration_20_agents",
+        lambda: agent_loop_overhead(2 if smoke else 20, 8 if smoke else 10),
+    )
+    await put(
+        rates, "single-use sandboxes per second", lambda: single_use_per_second(4 if smoke else 40)
+    )
+    await put(
+        rates,
+        "controller CPU ms per tool call",
+        lambda: controller_cpu_per_tool_call(runtime, 50 if smoke else 1000),
+    )
+    if log.run_sync("runsc registered", runsc_registered):
+        await merge("under_gvisor", lambda: under_gvisor(3 if smoke else 100, log))
     return measures, rates
