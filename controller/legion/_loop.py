@@ -1,6 +1,6 @@
 """The agent's step machine. No I/O: it is told what the model said and what
 the code did, and answers with the next thing to do. The driver
-(:mod:`legion.agent`) does the talking to the model and the sandbox.
+(:mod:`legion._driver`) does the talking to the model and the sandbox.
 
 One run::
 

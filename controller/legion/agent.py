@@ -19,47 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
-import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jsonschema
 import pydantic
 
-from . import human, telemetry
-from ._ctx import bound
+from . import telemetry
+from ._driver import RunDriver, prepare
 from ._log import get_logger
-from ._loop import (
-    ACTIONS,
-    ALL_ACTIONS,
-    CallModel,
-    CodeOutcome,
-    Finish,
-    InvalidOutput,
-    RunCode,
-    Step,
-    StepMachine,
-    Stop,
-)
+from ._loop import ACTIONS, ALL_ACTIONS, InvalidOutput
+from ._results import RunResult
 from .config import AgentConfig, check_config_keys, resolve_agent_config
-from .errors import MaxIterationsReached, MaxRetriesReached, RunError, SandboxCrashed, UsageError
-from .models import LiteLLMModel, Model, Usage, model_override
+from .errors import UsageError
+from .models import Model
 from .prompt import build_system_prompt
-from .sandbox import ExecResult, Sandbox, SandboxRuntime
+from .sandbox import SandboxRuntime
 from .sandbox.tools import ToolDef
 from .tool import describe, to_tool_def, tool_name
 
 __all__ = ["Agent", "RunResult", "prompt_for", "run", "run_sync"]
 
 log = get_logger("legion.agent")
-
-current_runtime: ContextVar[SandboxRuntime | None] = ContextVar(
-    "legion_current_runtime", default=None
-)
-"""The runtime of the run this code is part of: sub-agents share its pool."""
 
 _ATTRIBUTES = (
     "tools",
@@ -259,77 +241,11 @@ def definition_of(agent: type[Agent]) -> AgentDefinition:
     return definition
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a finished run produced."""
-
-    output: Any
-    """The answer: a string, JSON data matching ``output_schema``, a pydantic
-    model instance, or None for ``done``."""
-    iterations: int
-    """Successful ``eval_and_continue`` steps taken."""
-    usage: Usage
-    run_id: str
-    messages: list[dict[str, str]] = field(repr=False)
-    """The whole conversation with the model, system prompt first."""
-
-
 def prompt_for(agent: type[Agent], **overrides: Any) -> str:
     """The system prompt a run of ``agent`` would use."""
     definition = definition_of(agent)
     config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
     return build_system_prompt(definition, config)
-
-
-def _output_excerpt(output: Any) -> str:
-    """A run's answer as a trace shows it: text, or JSON, cut."""
-    if isinstance(output, str):
-        return telemetry.excerpt(output)
-    if isinstance(output, pydantic.BaseModel):
-        return telemetry.excerpt(output.model_dump_json())
-    return telemetry.excerpt(json.dumps(output, ensure_ascii=False, default=repr))
-
-
-def _last_user_excerpt(messages: Sequence[Mapping[str, str]]) -> str:
-    """What the model is asked now (the task, or the last code result), for traces."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return telemetry.excerpt(str(message.get("content", "")))
-    return ""
-
-
-def _outcome(result: ExecResult) -> CodeOutcome:
-    if result.has_value:
-        text = (
-            result.value_repr
-            if result.value_repr is not None
-            else json.dumps(result.value, ensure_ascii=False, default=repr)
-        )
-    else:
-        text = ""
-    value = result.value if result.value_repr is None else result.value_repr
-    error = result.error
-    return CodeOutcome(
-        ok=error is None,
-        value=value,
-        value_text=text,
-        has_value=result.has_value,
-        stdout=result.stdout,
-        stderr=result.stderr,
-        error_type=error.type if error else "",
-        error_message=error.message if error else "",
-        traceback=error.traceback if error else "",
-    )
-
-
-def _crash_outcome(exc: SandboxCrashed) -> CodeOutcome:
-    return CodeOutcome(
-        ok=False,
-        stdout=exc.stdout,
-        stderr=exc.stderr,
-        error_type=type(exc).__name__,
-        error_message=str(exc),
-    )
 
 
 async def run(
@@ -351,7 +267,8 @@ async def run(
     or :class:`legion.ModelError` (each carrying the history) when it stops
     without an answer.
     """
-    definition, config, llm = _prepare(agent, model, overrides)
+    definition = definition_of(agent)
+    config, llm = prepare(definition, model, overrides)
     if not isinstance(task, str) or not task.strip():
         raise UsageError("task must be a non-empty string")
     if config.binding_scope == "conversation":
@@ -359,168 +276,9 @@ async def run(
             "binding_scope='conversation' keeps variables across the calls of a "
             "long-lived agent (legion.start); a single run uses 'turn' (default) or 'iteration'"
         )
-    driver = _Run(definition, config, task, llm=llm, vault=vault, runtime=runtime)
+    driver = RunDriver(definition, config, task, llm=llm, vault=vault, runtime=runtime)
     with telemetry.run_context(driver.run_id, parent_run_id):
         return await driver.drive()
-
-
-def _prepare(
-    agent: type[Agent], model: Model | str | None, overrides: dict[str, Any]
-) -> tuple[AgentDefinition, AgentConfig, Model]:
-    """The agent's definition, its resolved config, and the model to ask."""
-    definition = definition_of(agent)
-    if isinstance(model, str):
-        overrides["model"], model = model, None
-    config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
-    llm: Model = (
-        model
-        or model_override(definition.name)
-        or LiteLLMModel(
-            config.model,
-            api_base=config.api_base,
-            api_key=config.api_key,
-            temperature=config.temperature,
-            timeout=config.model_timeout,
-            retries=config.model_retries,
-            backoff=config.model_retry_backoff,
-        )
-    )
-    return definition, config, llm
-
-
-class _Run:
-    """Drives one run: feeds the step machine with the model's replies and
-    the sandbox's results until it finishes or stops."""
-
-    def __init__(
-        self,
-        definition: AgentDefinition,
-        config: AgentConfig,
-        task: str,
-        *,
-        llm: Model,
-        vault: Mapping[str, Any] | None,
-        runtime: SandboxRuntime | None,
-        history: Sequence[Mapping[str, str]] = (),
-        borrow: Callable[[], Awaitable[Sandbox]] | None = None,
-    ) -> None:
-        self.definition = definition
-        self.config = config
-        self.task = task
-        self.llm = llm
-        self.vault = vault
-        self.runtime = runtime
-        self.run_id = uuid.uuid4().hex
-        self.usage = Usage()
-        self.sandbox: Sandbox | None = None
-        self._borrow = borrow
-        """Where a long-lived agent's sandbox comes from: the run uses it and
-        leaves it open. None: the run starts its own and closes it."""
-        self.machine = StepMachine(
-            system_prompt=build_system_prompt(definition, config),
-            task=task,
-            max_iterations=config.max_iterations,
-            max_retries=config.max_retries,
-            max_message_length=config.max_message_length,
-            allowed_actions=definition.action_types,
-            validate_output=definition.validate_output,
-            history=history,
-        )
-
-    async def drive(self) -> RunResult:
-        name = self.definition.name
-        with (
-            bound(current_runtime, self.runtime),
-            bound(human.asking_agent, name),
-            telemetry.span(telemetry.RUN, agent=name, task=self.task) as run_stop,
-        ):
-            try:
-                step: Step = self.machine.start()
-                while not isinstance(step, (Finish, Stop)):
-                    if isinstance(step, CallModel):
-                        step = await self._ask_model(step)
-                    else:
-                        step = await self._run_code(step)
-                if isinstance(step, Stop):
-                    raise self._stopped(step)
-                run_stop.update(iterations=self.machine.iterations, usage=self.usage)
-                if telemetry.active():
-                    run_stop["output"] = _output_excerpt(step.output)
-                return RunResult(
-                    step.output,
-                    self.machine.iterations,
-                    self.usage,
-                    self.run_id,
-                    self.machine.messages,
-                )
-            except RunError as exc:
-                if not exc.run_id:  # a ModelError from the model layer: attach the history
-                    exc.run_id, exc.messages = self.run_id, self.machine.messages
-                    exc.usage, exc.iterations = self.usage, self.machine.iterations
-                raise
-            finally:
-                if self.sandbox is not None and self._borrow is None:
-                    await self.sandbox.close()
-
-    async def _ask_model(self, step: CallModel) -> Step:
-        traced = telemetry.active()
-        extra = {"prompt": _last_user_excerpt(step.messages)} if traced else {}
-        with telemetry.span(
-            telemetry.LLM_REQUEST, model=self.llm.name, messages=len(step.messages), **extra
-        ) as stop:
-            reply = await self.llm.complete(step.messages)
-            stop["usage"] = reply.usage
-            if traced:
-                stop["reply"] = telemetry.excerpt(reply.content)
-        self.usage += reply.usage
-        return self.machine.on_model_reply(reply.content)
-
-    async def _run_code(self, step: RunCode) -> Step:
-        if self.sandbox is None:
-            self.sandbox = (
-                await self._borrow()
-                if self._borrow is not None
-                else await new_sandbox(self.definition, self.config, self.vault, self.runtime)
-            )
-        with telemetry.span(
-            telemetry.ITERATION, index=self.machine.iterations + 1, complete=step.complete
-        ):
-            try:
-                result = await self.sandbox.run(
-                    step.code,
-                    timeout=self.config.sandbox_timeout,
-                    reset=self.config.binding_scope == "iteration",
-                )
-                outcome = _outcome(result)
-            except SandboxCrashed as exc:
-                outcome = _crash_outcome(exc)
-        return self.machine.on_code_result(outcome)
-
-    def _stopped(self, step: Stop) -> RunError:
-        error = MaxIterationsReached if step.reason == "max_iterations" else MaxRetriesReached
-        return error(
-            f"{self.definition.name}: {step.message}",
-            run_id=self.run_id,
-            messages=self.machine.messages,
-            usage=self.usage,
-            iterations=self.machine.iterations,
-        )
-
-
-async def new_sandbox(
-    definition: AgentDefinition,
-    config: AgentConfig,
-    vault: Mapping[str, Any] | None,
-    runtime: SandboxRuntime | None,
-) -> Sandbox:
-    """A started sandbox holding ``definition``'s tools."""
-    return await Sandbox(
-        tools=[t.definition for t in definition.tools],
-        limits=config.sandbox_limits,
-        vault=vault,
-        runtime=runtime,
-        agent=definition.name,
-    ).start()
 
 
 def run_sync(agent: type[Agent], task: str, **kwargs: Any) -> RunResult:

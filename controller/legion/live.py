@@ -37,8 +37,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import human, telemetry
+from ._driver import RunDriver, new_sandbox, prepare
 from ._log import get_logger
-from .agent import Agent, AgentDefinition, RunResult, _prepare, _Run, new_sandbox
+from ._results import RunResult
+from .agent import Agent, AgentDefinition, definition_of
 from .config import AgentConfig
 from .errors import ConversationError, SandboxError, UsageError
 from .models import Model
@@ -85,7 +87,8 @@ async def start(
     ``store`` keeps the conversation (default: in memory); ``meta`` is stored
     with a new conversation.
     """
-    definition, config, llm = _prepare(agent, model, overrides)
+    definition = definition_of(agent)
+    config, llm = prepare(definition, model, overrides)
     store = store if store is not None else MemoryStore()
     record = await store.load(conversation_id) if conversation_id else None
     if record is not None and record.agent != definition.name:
@@ -305,7 +308,7 @@ class AgentHandle:
         note = ""
         if keeps_bindings and self._sandbox is None and self._record.snapshot:
             note = await self._restore()
-        driver = _Run(
+        driver = RunDriver(
             self.definition,
             self.config,
             turn.message + note,

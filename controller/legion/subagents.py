@@ -33,7 +33,8 @@ from typing import Any
 import pydantic
 
 from . import telemetry
-from .agent import Agent, current_runtime, definition_of, run
+from ._driver import current_runtime
+from .agent import Agent, definition_of, run
 from .errors import UsageError
 from .sandbox.tools import own_timeout
 

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from .._log import get_logger
 from .._net import is_loopback_host
+from .._results import Usage
 from ..errors import ModelError, UsageError
 
 __all__ = ["LiteLLMModel", "Model", "ModelReply", "Usage", "model_override"]
@@ -39,29 +40,6 @@ def model_override(agent: str) -> Model | None:
     of ``agent`` in this context (sub-agents and turns included), if any."""
     choose = _overrides.get()
     return choose(agent) if choose is not None else None
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Tokens (and cost in USD, when litellm knows the model's price)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cost_usd: float | None = None
-    requests: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        cost = None
-        if self.cost_usd is not None or other.cost_usd is not None:
-            cost = (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            cost,
-            self.requests + other.requests,
-        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,245 @@
+"""The agent driver: one run, from the task to its answer.
+
+:class:`RunDriver` feeds the step machine (:mod:`legion._loop`) with the
+model's replies and the sandbox's results; :func:`legion.run`, long-lived
+agents' turns (:mod:`legion.live`) and sub-agents all run through it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from . import human, telemetry
+from ._ctx import bound
+from ._loop import CallModel, CodeOutcome, Finish, RunCode, Step, StepMachine, Stop
+from ._results import RunResult, Usage
+from .config import AgentConfig, resolve_agent_config
+from .errors import MaxIterationsReached, MaxRetriesReached, RunError, SandboxCrashed
+from .models import LiteLLMModel, Model, model_override
+from .prompt import build_system_prompt
+from .sandbox import ExecResult, Sandbox, SandboxRuntime
+
+if TYPE_CHECKING:
+    from .agent import AgentDefinition
+
+__all__ = ["RunDriver", "current_runtime", "new_sandbox", "prepare"]
+
+current_runtime: ContextVar[SandboxRuntime | None] = ContextVar(
+    "legion_current_runtime", default=None
+)
+"""The runtime of the run this code is part of: sub-agents share its pool."""
+
+
+def _output_excerpt(output: Any) -> str:
+    """A run's answer as a trace shows it: text, or JSON, cut."""
+    if isinstance(output, str):
+        return telemetry.excerpt(output)
+    if isinstance(output, pydantic.BaseModel):
+        return telemetry.excerpt(output.model_dump_json())
+    return telemetry.excerpt(json.dumps(output, ensure_ascii=False, default=repr))
+
+
+def _last_user_excerpt(messages: Sequence[Mapping[str, str]]) -> str:
+    """What the model is asked now (the task, or the last code result), for traces."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return telemetry.excerpt(str(message.get("content", "")))
+    return ""
+
+
+def _outcome(result: ExecResult) -> CodeOutcome:
+    if result.has_value:
+        text = (
+            result.value_repr
+            if result.value_repr is not None
+            else json.dumps(result.value, ensure_ascii=False, default=repr)
+        )
+    else:
+        text = ""
+    value = result.value if result.value_repr is None else result.value_repr
+    error = result.error
+    return CodeOutcome(
+        ok=error is None,
+        value=value,
+        value_text=text,
+        has_value=result.has_value,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        error_type=error.type if error else "",
+        error_message=error.message if error else "",
+        traceback=error.traceback if error else "",
+    )
+
+
+def _crash_outcome(exc: SandboxCrashed) -> CodeOutcome:
+    return CodeOutcome(
+        ok=False,
+        stdout=exc.stdout,
+        stderr=exc.stderr,
+        error_type=type(exc).__name__,
+        error_message=str(exc),
+    )
+
+
+def prepare(
+    definition: AgentDefinition, model: Model | str | None, overrides: dict[str, Any]
+) -> tuple[AgentConfig, Model]:
+    """The agent's resolved config, and the model to ask."""
+    if isinstance(model, str):
+        overrides["model"], model = model, None
+    config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
+    llm: Model = (
+        model
+        or model_override(definition.name)
+        or LiteLLMModel(
+            config.model,
+            api_base=config.api_base,
+            api_key=config.api_key,
+            temperature=config.temperature,
+            timeout=config.model_timeout,
+            retries=config.model_retries,
+            backoff=config.model_retry_backoff,
+        )
+    )
+    return config, llm
+
+
+class RunDriver:
+    """Drives one run: feeds the step machine with the model's replies and
+    the sandbox's results until it finishes or stops."""
+
+    def __init__(
+        self,
+        definition: AgentDefinition,
+        config: AgentConfig,
+        task: str,
+        *,
+        llm: Model,
+        vault: Mapping[str, Any] | None,
+        runtime: SandboxRuntime | None,
+        history: Sequence[Mapping[str, str]] = (),
+        borrow: Callable[[], Awaitable[Sandbox]] | None = None,
+    ) -> None:
+        self.definition = definition
+        self.config = config
+        self.task = task
+        self.llm = llm
+        self.vault = vault
+        self.runtime = runtime
+        self.run_id = uuid.uuid4().hex
+        self.usage = Usage()
+        self.sandbox: Sandbox | None = None
+        self._borrow = borrow
+        """Where a long-lived agent's sandbox comes from: the run uses it and
+        leaves it open. None: the run starts its own and closes it."""
+        self.machine = StepMachine(
+            system_prompt=build_system_prompt(definition, config),
+            task=task,
+            max_iterations=config.max_iterations,
+            max_retries=config.max_retries,
+            max_message_length=config.max_message_length,
+            allowed_actions=definition.action_types,
+            validate_output=definition.validate_output,
+            history=history,
+        )
+
+    async def drive(self) -> RunResult:
+        name = self.definition.name
+        with (
+            bound(current_runtime, self.runtime),
+            bound(human.asking_agent, name),
+            telemetry.span(telemetry.RUN, agent=name, task=self.task) as run_stop,
+        ):
+            try:
+                step: Step = self.machine.start()
+                while not isinstance(step, (Finish, Stop)):
+                    if isinstance(step, CallModel):
+                        step = await self._ask_model(step)
+                    else:
+                        step = await self._run_code(step)
+                if isinstance(step, Stop):
+                    raise self._stopped(step)
+                run_stop.update(iterations=self.machine.iterations, usage=self.usage)
+                if telemetry.active():
+                    run_stop["output"] = _output_excerpt(step.output)
+                return RunResult(
+                    step.output,
+                    self.machine.iterations,
+                    self.usage,
+                    self.run_id,
+                    self.machine.messages,
+                )
+            except RunError as exc:
+                if not exc.run_id:  # a ModelError from the model layer: attach the history
+                    exc.run_id, exc.messages = self.run_id, self.machine.messages
+                    exc.usage, exc.iterations = self.usage, self.machine.iterations
+                raise
+            finally:
+                if self.sandbox is not None and self._borrow is None:
+                    await self.sandbox.close()
+
+    async def _ask_model(self, step: CallModel) -> Step:
+        traced = telemetry.active()
+        extra = {"prompt": _last_user_excerpt(step.messages)} if traced else {}
+        with telemetry.span(
+            telemetry.LLM_REQUEST, model=self.llm.name, messages=len(step.messages), **extra
+        ) as stop:
+            reply = await self.llm.complete(step.messages)
+            stop["usage"] = reply.usage
+            if traced:
+                stop["reply"] = telemetry.excerpt(reply.content)
+        self.usage += reply.usage
+        return self.machine.on_model_reply(reply.content)
+
+    async def _run_code(self, step: RunCode) -> Step:
+        if self.sandbox is None:
+            self.sandbox = (
+                await self._borrow()
+                if self._borrow is not None
+                else await new_sandbox(self.definition, self.config, self.vault, self.runtime)
+            )
+        with telemetry.span(
+            telemetry.ITERATION, index=self.machine.iterations + 1, complete=step.complete
+        ):
+            try:
+                result = await self.sandbox.run(
+                    step.code,
+                    timeout=self.config.sandbox_timeout,
+                    reset=self.config.binding_scope == "iteration",
+                )
+                outcome = _outcome(result)
+            except SandboxCrashed as exc:
+                outcome = _crash_outcome(exc)
+        return self.machine.on_code_result(outcome)
+
+    def _stopped(self, step: Stop) -> RunError:
+        error = MaxIterationsReached if step.reason == "max_iterations" else MaxRetriesReached
+        return error(
+            f"{self.definition.name}: {step.message}",
+            run_id=self.run_id,
+            messages=self.machine.messages,
+            usage=self.usage,
+            iterations=self.machine.iterations,
+        )
+
+
+async def new_sandbox(
+    definition: AgentDefinition,
+    config: AgentConfig,
+    vault: Mapping[str, Any] | None,
+    runtime: SandboxRuntime | None,
+) -> Sandbox:
+    """A started sandbox holding ``definition``'s tools."""
+    return await Sandbox(
+        tools=[t.definition for t in definition.tools],
+        limits=config.sandbox_limits,
+        vault=vault,
+        runtime=runtime,
+        agent=definition.name,
+    ).start()

@@ -1,0 +1,51 @@
+"""What a run produces: its answer (:class:`RunResult`) and what it used (:class:`Usage`).
+
+Embedded runs and a controller's clients return the same objects, so this
+module imports nothing but the standard library: the client needs these
+types without the agent machinery, the sandbox layer or the model adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RunResult", "Usage"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens (and cost in USD, when litellm knows the model's price)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float | None = None
+    requests: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = None
+        if self.cost_usd is not None or other.cost_usd is not None:
+            cost = (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            cost,
+            self.requests + other.requests,
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced."""
+
+    output: Any
+    """The answer: a string, JSON data matching ``output_schema``, a pydantic
+    model instance, or None for ``done``."""
+    iterations: int
+    """Successful ``eval_and_continue`` steps taken."""
+    usage: Usage
+    run_id: str
+    messages: list[dict[str, str]] = field(repr=False)
+    """The whole conversation with the model, system prompt first."""
