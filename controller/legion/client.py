@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,57 +35,39 @@ import grpc
 import grpc.aio
 
 from . import errors
+from ._api_codec import (
+    AgentInfo,
+    RemoteEvent,
+    SandboxInfo,
+    agent_info,
+    answer_json,
+    config_json,
+    remote_event,
+    run_error,
+    run_result,
+    sandbox_info,
+)
 from ._proto import controller_pb2 as pb
 from ._proto import controller_pb2_grpc as pb_grpc
-from .agent import RunResult
+from ._results import RunResult
 from .config import MiB
 from .errors import LegionError, RemoteError, UsageError
-from .models import Usage
 from .telemetry import Event
 
-__all__ = ["AgentInfo", "Client", "EventStream", "RemoteEvent", "SandboxInfo", "SyncClient"]
+__all__ = [
+    "AgentInfo",
+    "Client",
+    "EventStream",
+    "RemoteEvent",
+    "SandboxInfo",
+    "SyncClient",
+    "remote_event",
+    "run_error",
+    "run_result",
+    "translate_status",
+]
 
 EventHandler = Callable[[Event], Awaitable[None] | None]
-
-
-@dataclass(frozen=True)
-class RemoteEvent(Event):
-    """A telemetry event of a run on the server."""
-
-    conversation_id: str = ""
-    """The long-lived conversation the run is a turn of; empty for single runs."""
-
-
-@dataclass(frozen=True)
-class AgentInfo:
-    """An agent the server offers."""
-
-    name: str
-    description: str
-    tools: list[str]
-    """``Name.function`` (or ``name`` for a plain function) for each thing its code may call."""
-    output_schema: dict[str, Any] | None
-    """The JSON Schema its answer follows; None when it answers in text."""
-
-
-@dataclass(frozen=True)
-class SandboxInfo:
-    """One of the caller's live sandboxes on the server."""
-
-    container_id: str
-    run_id: str
-    agent: str
-    age_seconds: float
-    memory_bytes: int
-    """In use now; 0 when unknown (as are the figures below)."""
-    memory_limit_bytes: int = 0
-    cpus: float = 0.0
-    pids: int = 0
-    """Its limits: memory (swap included), CPUs, processes."""
-    cpu_seconds: float = 0.0
-    """CPU time it has used since it started."""
-    peak_memory_bytes: int = 0
-    """The most memory it has used (0 where the engine does not say: cgroup v2)."""
 
 
 # --- translation, once ---------------------------------------------------------------------
@@ -118,95 +98,6 @@ def translate_status(code: grpc.StatusCode, details: str | None) -> LegionError:
 
 def _translate(exc: grpc.aio.AioRpcError) -> LegionError:
     return translate_status(exc.code(), exc.details())
-
-
-def _loads(text: str, default: Any) -> Any:
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return default
-
-
-def _usage(message: pb.Usage) -> Usage:
-    return Usage(
-        prompt_tokens=message.prompt_tokens,
-        completion_tokens=message.completion_tokens,
-        total_tokens=message.total_tokens,
-        cost_usd=message.cost_usd if message.HasField("cost_usd") else None,
-        requests=message.requests,
-    )
-
-
-def run_result(message: pb.RunResult) -> RunResult:
-    """A RunResult message as :class:`legion.RunResult`."""
-    return RunResult(
-        output=_loads(message.output_json, None),
-        iterations=message.iterations,
-        usage=_usage(message.usage),
-        run_id=message.run_id,
-        messages=_loads(message.messages_json, []),
-    )
-
-
-def _error_types() -> dict[str, type[LegionError]]:
-    found: dict[str, type[LegionError]] = {}
-    for name in dir(errors):
-        value = getattr(errors, name)
-        if isinstance(value, type) and issubclass(value, (errors.RunError, errors.SandboxError)):
-            found[name] = value
-    return found
-
-
-_RUN_ERROR_TYPES = _error_types()
-
-
-def run_error(message: pb.RunError) -> LegionError:
-    """A RunError message as the exception an embedded run would have raised,
-    carrying ``run_id``, ``iterations``, ``usage`` and ``messages``."""
-    usage = _usage(message.usage)
-    history = _loads(message.messages_json, [])
-    kind = _RUN_ERROR_TYPES.get(message.type)
-    if kind is not None and issubclass(kind, errors.RunError):
-        return kind(
-            message.message,
-            run_id=message.run_id,
-            messages=history,
-            usage=usage,
-            iterations=message.iterations,
-        )
-    exc: LegionError
-    if kind is not None:
-        exc = kind(message.message)
-    elif message.type == "UsageError":
-        exc = UsageError(message.message)
-    else:
-        exc = errors.RunError(
-            f"{message.type}: {message.message}" if message.type else message.message,
-            run_id=message.run_id,
-            messages=history,
-            usage=usage,
-            iterations=message.iterations,
-        )
-        return exc
-    exc.run_id = message.run_id  # type: ignore[attr-defined]
-    exc.messages = history  # type: ignore[attr-defined]
-    exc.usage = usage  # type: ignore[attr-defined]
-    exc.iterations = message.iterations  # type: ignore[attr-defined]
-    return exc
-
-
-def remote_event(message: pb.Event) -> RemoteEvent:
-    data = _loads(message.data_json, {})
-    return RemoteEvent(
-        name=message.name,
-        run_id=message.run_id or None,
-        parent_run_id=message.parent_run_id or None,
-        time=message.time,
-        data=data if isinstance(data, dict) else {"value": data},
-        conversation_id=message.conversation_id,
-    )
 
 
 def _read(source: bytes | str | Path | None) -> bytes | None:
@@ -305,15 +196,14 @@ class Client:
     async def list_agents(self) -> list[AgentInfo]:
         """The agents the server offers."""
         response = await self._unary("ListAgents", pb.ListAgentsRequest())
-        return [
-            AgentInfo(
-                name=a.name,
-                description=a.description,
-                tools=list(a.tools),
-                output_schema=_loads(a.output_schema_json, None),
-            )
-            for a in response.agents
-        ]
+        return [agent_info(a) for a in response.agents]
+
+    async def principal(self) -> str:
+        """The name of the principal the server maps this client's token to
+        (``local`` on a server without tokens). Raises Unauthenticated for a
+        token the server does not know."""
+        response = await self._unary("ListAgents", pb.ListAgentsRequest())
+        return str(response.principal)
 
     async def run(
         self, agent: str, task: str, *, on_event: EventHandler | None = None, **config: Any
@@ -322,15 +212,8 @@ class Client:
         AgentConfig keys for this run (those a client may set, e.g.
         ``max_iterations``). ``on_event`` (sync or async) receives each of the
         run's events as it happens. Cancelling this call cancels the run."""
-        request = pb.RunRequest(agent=agent, task=task, config_json=self._config(config))
+        request = pb.RunRequest(agent=agent, task=task, config_json=config_json(config))
         return await self._updates(self.stub.Run(request, metadata=self._metadata), on_event)
-
-    @staticmethod
-    def _config(config: dict[str, Any]) -> str:
-        try:
-            return json.dumps(config) if config else ""
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"config values must be JSON: {exc}") from None
 
     async def _updates(self, call: Any, on_event: EventHandler | None) -> RunResult:
         try:
@@ -357,7 +240,7 @@ class Client:
         """Start a long-lived agent (or resume ``conversation_id``); returns
         the conversation's id."""
         request = pb.StartAgentRequest(
-            agent=agent, config_json=self._config(config), conversation_id=conversation_id
+            agent=agent, config_json=config_json(config), conversation_id=conversation_id
         )
         response = await self._unary("StartAgent", request)
         return str(response.conversation_id)
@@ -402,30 +285,13 @@ class Client:
     async def respond_human(self, ref: str, answer: Any) -> None:
         """Answer the human request ``ref`` (from a ``human.request`` event) with
         ``answer`` (any JSON value)."""
-        try:
-            answer_json = json.dumps(answer)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"the answer must be JSON data: {exc}") from None
-        await self._unary("RespondHuman", pb.RespondHumanRequest(ref=ref, answer_json=answer_json))
+        request = pb.RespondHumanRequest(ref=ref, answer_json=answer_json(answer))
+        await self._unary("RespondHuman", request)
 
     async def list_sandboxes(self) -> list[SandboxInfo]:
         """The caller's live sandboxes on the server."""
         response = await self._unary("ListSandboxes", pb.ListSandboxesRequest())
-        return [
-            SandboxInfo(
-                s.container_id,
-                s.run_id,
-                s.agent,
-                s.age_seconds,
-                s.memory_bytes,
-                memory_limit_bytes=s.memory_limit_bytes,
-                cpus=s.cpus,
-                pids=s.pids,
-                cpu_seconds=s.cpu_seconds,
-                peak_memory_bytes=s.peak_memory_bytes,
-            )
-            for s in response.sandboxes
-        ]
+        return [sandbox_info(s) for s in response.sandboxes]
 
 
 class EventStream:
@@ -516,6 +382,9 @@ class SyncClient:
 
     def list_agents(self) -> list[AgentInfo]:
         return self._runner.run(self.client.list_agents())
+
+    def principal(self) -> str:
+        return self._runner.run(self.client.principal())
 
     def run(
         self, agent: str, task: str, *, on_event: EventHandler | None = None, **config: Any

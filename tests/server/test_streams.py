@@ -8,6 +8,7 @@ import logging
 import pytest
 
 import legion
+from legion import _api_codec as codec
 from legion._proto import controller_pb2 as pb
 from legion.server import service
 
@@ -48,11 +49,11 @@ def test_a_slow_clients_stream_drops_events_rather_than_grow(
 
 
 def test_event_data_is_json_and_never_unbounded() -> None:
-    assert service._data_json({"usage": legion.Usage(1, 2, 3, None, 1), "n": 1}) == (
+    assert codec.data_json({"usage": legion.Usage(1, 2, 3, None, 1), "n": 1}) == (
         '{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, '
         '"cost_usd": null, "requests": 1}, "n": 1}'
     )
-    assert service._data_json({"thing": object()}).startswith('{"thing": "<object object at')
-    clipped = service._data_json({"code": "x" * (service.MAX_EVENT_DATA + 1), "index": 3})
-    assert len(clipped) < 2 * service.CLIPPED_VALUE
+    assert codec.data_json({"thing": object()}).startswith('{"thing": "<object object at')
+    clipped = codec.data_json({"code": "x" * (codec.MAX_EVENT_DATA + 1), "index": 3})
+    assert len(clipped) < 2 * codec.CLIPPED_VALUE
     assert '"truncated": true' in clipped and '"index": 3' in clipped

@@ -86,7 +86,8 @@ class ControllerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListAgents(self, request, context):
-        """The agents this server offers.
+        """The agents this server offers, and the principal the caller's token maps
+        to (so a client can check a token with it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

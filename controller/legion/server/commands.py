@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import telemetry
-from ..agent import Agent, RunResult
+from .._api_codec import to_json
+from .._results import RunResult
+from ..agent import Agent
 from ..agent import run as run_agent
 from ..client import Client
 from ..errors import LegionError, UsageError
 from .app import ServerSettings, check_dashboard, check_listen, load_registry
 from .app import serve as serve_forever
 from .auth import TokenTable
-from .service import to_json
 
 USAGE_EXIT = 2
 

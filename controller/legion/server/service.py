@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
-import json
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -28,19 +26,36 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
-import pydantic
 
 from .. import human, telemetry
 from .. import live as live_agents
 from .. import vault as _vault
+from .._api_codec import (
+    AgentInfo,
+    SandboxInfo,
+    agent_message,
+    answer_of,
+    config_of,
+    error_message,
+    event_message,
+    result_message,
+    sandbox_message,
+)
 from .._log import get_logger
 from .._proto import controller_pb2 as pb
 from .._proto import controller_pb2_grpc as pb_grpc
-from ..agent import Agent, RunResult, definition_of
+from .._results import RunResult
+from ..agent import Agent, definition_of, prompt_for
 from ..agent import run as run_agent
 from ..config import MiB, check_config_keys, resolve_agent_config
-from ..errors import ConversationError, HumanRequestNotFound, RunError, SandboxError, UsageError
-from ..models import Usage
+from ..errors import (
+    ConversationError,
+    HumanRequestNotFound,
+    LegionError,
+    RunError,
+    SandboxError,
+    UsageError,
+)
 from ..sandbox import SandboxRuntime
 from ..store import ConversationStore, MemoryStore
 from .auth import Principal, current_principal
@@ -70,9 +85,6 @@ api_base, api_key, sandbox_limits) are the server's: a client that could set
 
 EVENT_BUFFER = 1000
 """Events one stream holds for a client that reads slowly; more are dropped."""
-MAX_EVENT_DATA = 256 * 1024
-"""Characters of one event's ``data_json``; bigger values are clipped."""
-CLIPPED_VALUE = 4096
 
 
 # --- which run is whose -------------------------------------------------------
@@ -143,91 +155,10 @@ def _offer(queue: asyncio.Queue[pb.Event | None], event: pb.Event, owner: Any, w
         log.warning("events_dropped", stream=what, dropped=owner.dropped, buffer=EVENT_BUFFER)
 
 
-def _why(exc: Exception) -> str:
-    """Why JSON did not parse (a RecursionError means nested too deeply)."""
-    return "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+# --- what clients see of agents and sandboxes ------------------------------------------
 
 
-# --- conversions ------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
-
-
-def to_json(value: Any) -> str:
-    """JSON text for any value; what JSON cannot hold goes as its repr."""
-    return json.dumps(value, default=_jsonable, ensure_ascii=False)
-
-
-def _data_json(data: Mapping[str, Any]) -> str:
-    text = to_json(dict(data))
-    if len(text) <= MAX_EVENT_DATA:
-        return text
-    clipped: dict[str, Any] = {"truncated": True}
-    for key, value in data.items():
-        item = to_json(value)
-        clipped[key] = value if len(item) <= CLIPPED_VALUE else item[:CLIPPED_VALUE] + "..."
-    return to_json(clipped)
-
-
-def _event_message(event: telemetry.Event, conversation_id: str) -> pb.Event:
-    return pb.Event(
-        name=event.name,
-        run_id=event.run_id or "",
-        parent_run_id=event.parent_run_id or "",
-        time=event.time,
-        data_json=_data_json(event.data),
-        conversation_id=conversation_id,
-    )
-
-
-def usage_message(usage: Usage | None) -> pb.Usage:
-    if not isinstance(usage, Usage):
-        return pb.Usage()
-    message = pb.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        requests=usage.requests,
-    )
-    if usage.cost_usd is not None:
-        message.cost_usd = usage.cost_usd
-    return message
-
-
-def result_message(result: RunResult) -> pb.RunResult:
-    return pb.RunResult(
-        run_id=result.run_id,
-        output_json=to_json(result.output),
-        iterations=result.iterations,
-        usage=usage_message(result.usage),
-        messages_json=to_json(result.messages),
-    )
-
-
-def error_message(exc: BaseException, run_id: str) -> pb.RunError:
-    if isinstance(exc, RunError):
-        return pb.RunError(
-            run_id=exc.run_id or run_id,
-            type=type(exc).__name__,
-            message=str(exc),
-            iterations=exc.iterations,
-            usage=usage_message(exc.usage),
-            messages_json=to_json(exc.messages),
-        )
-    return pb.RunError(run_id=run_id, type=type(exc).__name__, message=str(exc) or repr(exc))
-
-
-def agent_info(name: str, agent: type[Agent]) -> pb.AgentInfo:
+def _describe(name: str, agent: type[Agent], run_config: Mapping[str, Any]) -> AgentInfo:
     definition = definition_of(agent)
     tools: list[str] = []
     for tool in definition.tools:
@@ -235,13 +166,11 @@ def agent_info(name: str, agent: type[Agent]) -> pb.AgentInfo:
             tools.append(tool.name)
         else:
             tools.extend(f"{tool.name}.{fn}" for fn in tool.definition.functions)
-    schema = definition.output_json_schema
-    return pb.AgentInfo(
-        name=name,
-        description=definition.doc,
-        tools=tools,
-        output_schema_json=to_json(schema) if schema is not None else "",
-    )
+    try:
+        prompt = prompt_for(agent, **run_config)
+    except LegionError as exc:
+        prompt = f"(cannot build the prompt: {exc})"
+    return AgentInfo(name, definition.doc, tools, definition.output_json_schema, prompt)
 
 
 async def _abort(
@@ -281,10 +210,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         store: ConversationStore | None = None,
     ) -> None:
         self.agents = dict(agents)
-        self._infos = [agent_info(name, agent) for name, agent in sorted(self.agents.items())]
         self.runtime = runtime
         self.run_config = dict(run_config or {})
         check_config_keys(self.run_config, "the server's run_config")
+        self._infos = [
+            agent_message(_describe(name, agent, self.run_config))
+            for name, agent in sorted(self.agents.items())
+        ]
         if min(max_concurrent_runs, max_event_streams, max_conversations) < 1:
             raise UsageError(
                 "max_concurrent_runs, max_event_streams and max_conversations must be at least 1"
@@ -356,7 +288,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
             if served is None:
                 return
-        message = _event_message(event, served.conversation_id)
+        message = event_message(event, served.conversation_id)
         if threading.get_ident() == self._loop_thread:
             self._dispatch(served, message)
         elif self._loop is not None:
@@ -411,20 +343,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         long_lived: bool = False,
     ) -> dict[str, Any]:
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        overrides: Any = {}
-        if config_json.strip():
-            try:
-                overrides = json.loads(config_json)
-            except (ValueError, RecursionError) as exc:
-                await _abort(context, invalid, f"config_json is not valid JSON: {_why(exc)}")
-            if not isinstance(overrides, dict):
-                await _abort(
-                    context,
-                    invalid,
-                    'config_json must be a JSON object, e.g. {"max_iterations": 3}',
-                )
         name = definition_of(agent).name
         try:
+            overrides = config_of(config_json)
             check_config_keys(overrides, "config_json")
             reserved = sorted(set(overrides) - CLIENT_CONFIG_KEYS)
             if reserved:
@@ -542,8 +463,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        await self._caller(context)
-        return pb.ListAgentsResponse(agents=self._infos)
+        principal = await self._caller(context)
+        return pb.ListAgentsResponse(agents=self._infos, principal=principal.name)
 
     async def Run(
         self, request: pb.RunRequest, context: grpc.aio.ServicerContext
@@ -748,13 +669,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         if not request.ref:
             await _abort(context, invalid, "ref is empty: give the ref of a human.request event")
         try:
-            answer = json.loads(request.answer_json)
-        except (ValueError, RecursionError) as exc:
-            await _abort(
-                context,
-                invalid,
-                f'answer_json must be JSON (e.g. "yes", with the quotes): {_why(exc)}',
-            )
+            answer = answer_of(request.answer_json)
+        except UsageError as exc:
+            await _abort(context, invalid, str(exc))
         run_id = human.run_of(request.ref)
         if run_id is None:
             await _abort(
@@ -792,17 +709,19 @@ class ControllerService(pb_grpc.ControllerServicer):
                 continue
             limits = info.limits
             mine.append(
-                pb.SandboxInfo(
-                    container_id=info.container_id,
-                    run_id=info.run_id or "",
-                    agent=info.agent or "",
-                    age_seconds=info.age_seconds,
-                    memory_bytes=info.memory_bytes or 0,
-                    memory_limit_bytes=limits.memory_mb * MiB if limits else 0,
-                    cpus=limits.cpus if limits else 0.0,
-                    pids=limits.pids if limits else 0,
-                    cpu_seconds=info.cpu_seconds or 0.0,
-                    peak_memory_bytes=info.peak_memory_bytes or 0,
+                sandbox_message(
+                    SandboxInfo(
+                        info.container_id,
+                        info.run_id or "",
+                        info.agent or "",
+                        info.age_seconds,
+                        info.memory_bytes or 0,
+                        memory_limit_bytes=limits.memory_mb * MiB if limits else 0,
+                        cpus=limits.cpus if limits else 0.0,
+                        pids=limits.pids if limits else 0,
+                        cpu_seconds=info.cpu_seconds or 0.0,
+                        peak_memory_bytes=info.peak_memory_bytes or 0,
+                    )
                 )
             )
         return pb.ListSandboxesResponse(sandboxes=mine)
