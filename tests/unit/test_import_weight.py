@@ -1,6 +1,7 @@
 """The client side stays a client: `import legion.client` loads neither
-docker-py nor litellm, and the client's modules import nothing of the agent
-machinery, the sandbox layer or the model adapter."""
+docker-py nor litellm; the client's modules import nothing of the agent
+machinery, the sandbox layer or the model adapter; and the dashboard uses the
+controller only through its API (nothing of `legion.agent` or `legion.server`)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,9 @@ def test_the_client_modules_import_no_agent_sandbox_or_model_code() -> None:
     client = [PACKAGE / name for name in ("client.py", "_api_codec.py", "_results.py")]
     forbidden = ("legion.agent", "legion._driver", "legion.sandbox", "legion.models")
     assert not _offending(client, (*forbidden, "litellm", "docker"))
+
+
+def test_the_dashboard_is_a_client_of_the_api() -> None:
+    dashboard = sorted((PACKAGE / "dashboard").glob("*.py"))
+    assert dashboard
+    assert not _offending(dashboard, ("legion.agent", "legion._driver", "legion.server"))

@@ -30,16 +30,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 from aiohttp import web
 
 from .._log import get_logger
 from .._net import is_loopback_host
-from ..agent import Agent, prompt_for
 from ..client import Client
 from ..errors import LegionError, Unauthenticated
-from ..server.auth import LOCAL, Authenticator
 from . import pages
 from . import templates as t
 from .state import Patch, chat_path
@@ -110,13 +107,6 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _prompt(agent: type[Agent], run_config: Mapping[str, Any]) -> str:
-    try:
-        return prompt_for(agent, **run_config)
-    except LegionError as exc:
-        return f"(cannot build the prompt: {exc})"
-
-
 def _redirect(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
@@ -138,18 +128,17 @@ class Dashboard:
     """The dashboard of a ControllerServer (``legion serve --dashboard HOST:PORT``).
 
     ``api_address`` is where the server's gRPC API answers (its own private
-    socket); ``agents`` and ``run_config`` are the server's, for the system
-    prompts; ``authenticator`` names the principal a token signs in as (None:
-    no tokens, one anonymous principal). ``clock`` measures session ages.
+    socket): everything shown, the agents' system prompts and the principal a
+    token signs in as included, comes from there. ``sign_in``: the server
+    checks tokens (False: no tokens, one anonymous principal, no sign-in).
+    ``clock`` measures session ages.
     """
 
     def __init__(
         self,
         *,
         api_address: str,
-        agents: Mapping[str, type[Agent]],
-        run_config: Mapping[str, Any],
-        authenticator: Authenticator | None,
+        sign_in: bool,
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
@@ -157,27 +146,28 @@ class Dashboard:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api_address = api_address
-        self.authenticator = authenticator
+        self.sign_in = sign_in
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.idle_seconds = idle_seconds
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.url = ""
-        self._prompts = {name: _prompt(agent, run_config) for name, agent in agents.items()}
         self._static = {
             name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC
         }
         self._viewers: dict[str, Viewer] = {}
         """Principal name -> its viewer, while it has sessions."""
         self._anonymous_lock = asyncio.Lock()
+        self._anonymous = ""
+        """The anonymous principal's name, as the server said (no sign-in)."""
         self._closing: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def needs_sign_in(self) -> bool:
-        return self.authenticator is not None
+        return self.sign_in
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -325,17 +315,19 @@ class Dashboard:
 
     async def _anonymous_viewer(self) -> Viewer:
         async with self._anonymous_lock:
-            viewer = self._viewer(LOCAL.name)
+            viewer = self._viewer(self._anonymous) if self._anonymous else None
             if viewer is None:
-                viewer = Viewer(Client(self.api_address), LOCAL.name)
+                client = Client(self.api_address)
                 try:
+                    viewer = Viewer(client, await client.principal())
                     await viewer.open()
                 except LegionError as exc:
-                    await viewer.close()
+                    await (viewer.close() if viewer is not None else client.close())
                     raise web.HTTPServiceUnavailable(
                         text=f"the controller does not answer: {exc}"
                     ) from None
-                self._viewers[LOCAL.name] = viewer
+                self._anonymous = viewer.principal
+                self._viewers[viewer.principal] = viewer
             return viewer
 
     def _set_cookie(self, response: web.StreamResponse, session: Session) -> None:
@@ -432,7 +424,7 @@ class Dashboard:
         return self._login_page()
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        if not self.needs_sign_in or self.authenticator is None:
+        if not self.needs_sign_in:
             return _redirect("/")
         form = await request.post()
         nonce, sent = request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf")
@@ -444,7 +436,7 @@ class Dashboard:
             return self._login_page("Enter your token.", 400)
         client = Client(self.api_address, token=token)
         try:
-            await client.list_agents()  # the controller checks the token, as for any client
+            name = await client.principal()  # the controller checks the token, as for any client
         except Unauthenticated:
             await client.close()
             log.warning("dashboard_sign_in_refused", remote=request.remote)
@@ -452,8 +444,6 @@ class Dashboard:
         except LegionError as exc:
             await client.close()
             return self._login_page(f"The controller does not answer: {exc}", 503)
-        principal = await self.authenticator.authenticate(token)
-        name = principal.name if principal is not None else "?"
         if len(self.sessions) >= MAX_SESSIONS:
             await client.close()
             return self._login_page("Too many sessions are open; try again later.", 503)
@@ -549,7 +539,7 @@ class Dashboard:
             infos = await session.viewer.client.list_agents()
         except LegionError as exc:
             return self._error(session, 503, "Agents", f"The controller does not answer: {exc}")
-        content = pages.agents(infos, self._prompts)
+        content = pages.agents(infos)
         return self._page(session, title="Agents", view="agents", content=content)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

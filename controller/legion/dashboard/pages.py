@@ -61,7 +61,7 @@ def sandboxes(state: LiveState) -> tuple[Safe, Safe]:
     return content, t.item_templates(["sandbox", "count"])
 
 
-def agents(infos: list[AgentInfo], prompts: Mapping[str, str]) -> Safe:
+def agents(infos: list[AgentInfo]) -> Safe:
     """Every agent with its description, tools and system prompt."""
     parts = []
     for index, info in enumerate(infos):
@@ -75,7 +75,7 @@ def agents(infos: list[AgentInfo], prompts: Mapping[str, str]) -> Safe:
                 tools=", ".join(info.tools) or "none",
                 schema=schema,
                 open=" open" if len(infos) == 1 else "",
-                prompt=prompts.get(info.name, "(not an agent of this server's registry)"),
+                prompt=info.system_prompt or "(the server sent no system prompt)",
             )
         )
     return t.render(t.AGENTS, items=t.join(parts))

@@ -310,9 +310,7 @@ class ControllerServer:
         try:
             dashboard = Dashboard(
                 api_address=api_address,
-                agents=self._agents,
-                run_config=self.settings.run_config,
-                authenticator=self.settings.authenticator,
+                sign_in=self.settings.authenticator is not None,
                 host=host,
                 port=port,
                 ssl_context=self._dashboard_tls(),
