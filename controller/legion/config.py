@@ -11,6 +11,34 @@ from typing import Any, Literal
 from .errors import UsageError
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+DAY_SECONDS = 86_400.0
+"""Timeouts above this are refused unless ``allow_long_timeouts`` is set."""
+
+_UNITS = {
+    "memory_mb": "MiB",
+    "cpus": "cores",
+    "pids": "processes",
+    "timeout_seconds": "seconds",
+    "kill_grace_seconds": "seconds",
+    "tmpfs_mb": "MiB",
+    "shm_mb": "MiB",
+    "output_limit_bytes": "bytes",
+    "max_message_bytes": "bytes",
+    "max_snapshot_bytes": "bytes",
+    "nofile": "open files",
+    "fsize_mb": "MiB",
+    "start_timeout_seconds": "seconds",
+    "tool_timeout_seconds": "seconds",
+    "max_concurrent_tool_calls": "calls",
+    "tool_calls_per_second": "calls a second",
+}
+_TIMEOUTS = (
+    "timeout_seconds",
+    "kill_grace_seconds",
+    "start_timeout_seconds",
+    "tool_timeout_seconds",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +60,9 @@ class SandboxLimits:
     """Wall-clock limit of one ``run``. At the limit the runner is told to
     cancel, and the container is killed after ``kill_grace_seconds``."""
     kill_grace_seconds: float = 1.0
+    allow_long_timeouts: bool = False
+    """Timeouts are refused above a day (a caller who meant milliseconds);
+    set this to allow them."""
     tmpfs_mb: int = 64
     """Size of the writable, no-exec ``/tmp``. The root filesystem is read-only."""
     shm_mb: int = 1
@@ -100,9 +131,33 @@ class SandboxLimits:
                 or not isinstance(value, (int, float))
                 or not (math.isfinite(value) and value > 0)
             ):
-                raise UsageError(f"SandboxLimits.{name} must be a positive number, got {value!r}")
-        if self.kill_grace_seconds < 0:
-            raise UsageError("SandboxLimits.kill_grace_seconds must be >= 0")
+                raise UsageError(
+                    f"SandboxLimits.{name} must be a positive number "
+                    f"({_UNITS.get(name, 'its unit')}), got {value!r}"
+                )
+        if (
+            isinstance(self.kill_grace_seconds, bool)
+            or not isinstance(self.kill_grace_seconds, (int, float))
+            or not (math.isfinite(self.kill_grace_seconds) and self.kill_grace_seconds >= 0)
+        ):
+            raise UsageError(
+                "SandboxLimits.kill_grace_seconds must be 0 or more (seconds), "
+                f"got {self.kill_grace_seconds!r}"
+            )
+        if self.tool_rate_limit_mode not in ("wait", "fail"):
+            raise UsageError(
+                "SandboxLimits.tool_rate_limit_mode must be 'wait' or 'fail', "
+                f"got {self.tool_rate_limit_mode!r}"
+            )
+        if not self.allow_long_timeouts:
+            for name in _TIMEOUTS:
+                value = getattr(self, name)
+                if value > DAY_SECONDS:
+                    raise UsageError(
+                        f"SandboxLimits.{name}={value:g} seconds is more than a day "
+                        f"({DAY_SECONDS:g} s); the unit is seconds. If you mean it, also "
+                        "pass allow_long_timeouts=True."
+                    )
         if self.memory_mb < 16:
             raise UsageError(
                 f"SandboxLimits.memory_mb={self.memory_mb} is too small for Python "
@@ -126,6 +181,58 @@ class SandboxLimits:
                 f"SandboxLimits.seccomp_profile: no file at {self.seccomp_profile} (use "
                 "'legion', 'engine' or the path of a profile)"
             )
+
+    def warnings(self) -> list[str]:
+        """Values that are allowed but probably not meant, one line each."""
+        found = []
+        if self.memory_mb < 64:
+            found.append(
+                f"memory_mb={self.memory_mb} MiB leaves little room: Python and the runner "
+                "use about 20 MiB before any code runs"
+            )
+        if self.tmpfs_mb + self.shm_mb > self.memory_mb:
+            found.append(
+                f"tmpfs_mb={self.tmpfs_mb} + shm_mb={self.shm_mb} is more than memory_mb="
+                f"{self.memory_mb}: files in /tmp and /dev/shm count against the memory "
+                "cap, so the sandbox is OOM-killed before /tmp is full"
+            )
+        if self.tool_timeout_seconds > self.timeout_seconds:
+            found.append(
+                f"tool_timeout_seconds={self.tool_timeout_seconds:g} is longer than "
+                f"timeout_seconds={self.timeout_seconds:g}: a run times out before a "
+                "slow tool call does"
+            )
+        if self.timeout_seconds > 3600:
+            found.append(
+                f"timeout_seconds={self.timeout_seconds:g}: one run may hold a container "
+                "for more than an hour"
+            )
+        if self.pids > 4096:
+            found.append(f"pids={self.pids}: a fork bomb can start that many processes")
+        return found
+
+    def check_capacity(self, *, memory_bytes: int | None, cpus: float | None) -> list[str]:
+        """Raise :class:`UsageError` for limits the engine cannot give (more
+        memory or CPUs than it has); return warnings for ones that take
+        much of it. ``None``: the engine does not say."""
+        if memory_bytes is not None and self.memory_mb * MiB > memory_bytes:
+            raise UsageError(
+                f"SandboxLimits.memory_mb={self.memory_mb} MiB "
+                f"({self.memory_mb * MiB / GiB:,.1f} GiB) is more than the engine's total "
+                f"memory ({memory_bytes // MiB} MiB). memory_mb is in MiB, not bytes: "
+                "256 means 256 MiB."
+            )
+        if cpus is not None and self.cpus > cpus:
+            raise UsageError(
+                f"SandboxLimits.cpus={self.cpus:g} cores is more than the engine's {cpus:g} CPUs"
+            )
+        found = self.warnings()
+        if memory_bytes is not None and self.memory_mb * MiB > memory_bytes // 2:
+            found.append(
+                f"memory_mb={self.memory_mb} MiB is more than half of the engine's "
+                f"{memory_bytes // MiB} MiB: two such sandboxes can exhaust the machine"
+            )
+        return found
 
     def replace(self, **changes: Any) -> SandboxLimits:
         """A copy with some fields changed (unknown names raise UsageError)."""
@@ -187,6 +294,14 @@ class AgentConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+        long_ok = self.sandbox_limits is not None and self.sandbox_limits.allow_long_timeouts
+        for name in ("sandbox_timeout", "model_timeout"):
+            value = getattr(self, name)
+            if value > DAY_SECONDS and not long_ok:
+                raise UsageError(
+                    f"{name}={value:g} seconds is more than a day; the unit is seconds. If you "
+                    "mean it, also set sandbox_limits=SandboxLimits(allow_long_timeouts=True)."
+                )
         if self.binding_scope not in BINDING_SCOPES:
             raise UsageError(
                 f"binding_scope must be one of {', '.join(BINDING_SCOPES)}; "

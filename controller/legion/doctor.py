@@ -31,9 +31,10 @@ import docker
 import docker.errors
 
 from .config import MiB, SandboxLimits
+from .errors import UsageError
 from .sandbox import image as _image
 from .sandbox import seccomp
-from .sandbox.channel import SOCKET_NAME
+from .sandbox.endpoint import SOCKET_NAME
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 Progress = Callable[[str], None]
@@ -201,6 +202,34 @@ class _Doctor:
             )
         return Check("limits support", "ok", "memory, swap, pids and CPU quota limits supported")
 
+    def limits_in_force(self) -> Check:
+        """The default SandboxLimits, against what the engine has."""
+        limits = SandboxLimits()
+        shown = (
+            f"memory {limits.memory_mb} MiB, {limits.cpus:g} CPU, {limits.pids} pids, "
+            f"run timeout {limits.timeout_seconds:g} s, /tmp {limits.tmpfs_mb} MiB, "
+            f"tool calls {limits.tool_calls_per_second:g}/s ({limits.tool_rate_limit_mode}), "
+            f"runtime {limits.runtime or 'runc'}"
+        )
+        memory, cpus = self.info.get("MemTotal"), self.info.get("NCPU")
+        try:
+            warnings = limits.check_capacity(
+                memory_bytes=memory if isinstance(memory, int) and memory > 0 else None,
+                cpus=float(cpus) if isinstance(cpus, int) and cpus > 0 else None,
+            )
+        except UsageError as exc:
+            return Check(
+                "limits in force",
+                "FAIL",
+                f"{shown}: {exc}",
+                "give sandboxes smaller limits: SandboxLimits(memory_mb=..., cpus=...)",
+            )
+        if warnings:
+            return Check(
+                "limits in force", "warn", f"{shown}; {'; '.join(warnings)}", "see the warnings"
+            )
+        return Check("limits in force", "ok", shown)
+
     def socket_dir(self) -> Check:
         parent = Path(tempfile.gettempdir())
         name = "socket directory"
@@ -350,9 +379,7 @@ class _Doctor:
                 raise RuntimeError(f"the probe code failed in the sandbox: {result.error}")
             inside: dict[str, Any] = dict(result.value)
             container_id = sandbox.container_id
-            config = await asyncio.to_thread(
-                runtime.backend.client.api.inspect_container, container_id
-            )
+            config = await asyncio.to_thread(self.client.api.inspect_container, container_id)
         host = config.get("HostConfig", {})
         # The kernel's figures when the container can read its cgroup, else the engine's.
         return {
@@ -406,6 +433,7 @@ async def diagnose(
         ("sandbox image", doctor.sandbox_image),
         ("gVisor (runsc)", doctor.gvisor),
         ("limits support", doctor.limits),
+        ("limits in force", doctor.limits_in_force),
         ("seccomp profile", doctor.seccomp_profile),
     ]
     if doctor.client is None:

@@ -18,7 +18,8 @@ The tree::
     │   ├── MaxRetriesReached    more failed steps in a row than max_retries
     │   └── ModelError           the model could not be reached, or refused the request
     └── SandboxError             a sandbox could not do its job
-        ├── DockerUnavailable    no Docker engine answers
+        ├── BackendUnavailable   the sandbox backend (its engine) does not answer
+        │   └── DockerUnavailable no Docker engine answers
         ├── ImageNotFound        the sandbox image is not built (`make image`, `legion image build`)
         ├── BackendError         the engine refused or failed an operation
         ├── SandboxStartError    a container did not become ready (no Hello in time, or exited)
@@ -61,7 +62,11 @@ class SandboxError(LegionError):
     """A sandbox could not be provided or did not survive the code it ran."""
 
 
-class DockerUnavailable(SandboxError):
+class BackendUnavailable(SandboxError):
+    """The engine behind a sandbox backend does not answer (any backend)."""
+
+
+class DockerUnavailable(BackendUnavailable):
     """No Docker engine answers."""
 
 

@@ -1,11 +1,11 @@
 """The process inside a sandbox container.
 
-It dials the controller over the read-only-mounted Unix socket, says Hello
-with its one-time token, then executes code in one persistent namespace, one
-Execute at a time, on a worker thread. The receiving thread stays free to
-deliver tool results and Cancel while code runs. Snapshots of the namespace
-and restores of one (legion_runner.snapshot) take their turn on the same
-worker thread, never beside code.
+It reads its boot file (its only argument: where to dial, and a one-time
+token), dials the controller, says Hello with the token, then executes code
+in one persistent namespace, one Execute at a time, on a worker thread. The
+receiving thread stays free to deliver tool results and Cancel while code
+runs. Snapshots of the namespace and restores of one (legion_runner.snapshot)
+take their turn on the same worker thread, never beside code.
 
 Imports only the standard library, grpcio, protobuf and the generated stubs:
 the image stays small and offers sandbox code little to work with.
@@ -41,7 +41,6 @@ from ._proto import sandbox_pb2 as pb
 from ._proto import sandbox_pb2_grpc as pb_grpc
 
 RUNNER_VERSION = "1"
-_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 # Room for the envelope around a payload (ids, field tags) within one message.
 _ENVELOPE = 4096
 _OUTPUT_CHUNK = 64 * 1024
@@ -334,8 +333,8 @@ def _chain(te: traceback.TracebackException) -> Iterator[traceback.TracebackExce
 
 
 class Runner:
-    def __init__(self, socket_path: str, token: str, *, max_message: int) -> None:
-        self._socket_path = socket_path
+    def __init__(self, address: str, token: str, *, max_message: int) -> None:
+        self._address = address
         self._token = token
         self._max_message = max_message
         self._outbox: queue.SimpleQueue[pb.RunnerMessage | None] = queue.SimpleQueue()
@@ -369,6 +368,7 @@ class Runner:
                 runner_version=RUNNER_VERSION,
             )
         )
+        self._token = ""  # spent: sandbox code finds no reference to it
         while True:
             message = self._outbox.get()
             if message is None:
@@ -382,7 +382,7 @@ class Runner:
             ("grpc.max_send_message_length", self._max_message + _ENVELOPE),
             ("grpc.max_receive_message_length", self._max_message + _ENVELOPE),
         ]
-        channel = grpc.insecure_channel(f"unix://{self._socket_path}", options=options)
+        channel = grpc.insecure_channel(self._address, options=options)
         grpc.channel_ready_future(channel).result(timeout=10)
         stub = pb_grpc.SandboxChannelStub(channel)  # type: ignore[no-untyped-call]
         self._worker = threading.Thread(target=self._work_loop, name="legion-exec", daemon=True)
@@ -758,14 +758,25 @@ def _message_of(exc: BaseException) -> str:
         return f"<{type(exc).__name__}; str() raised>"
 
 
+def _read_boot(path: str) -> tuple[str, str, int]:
+    """(address, token, max message bytes) from the boot file the controller
+    wrote for this sandbox. The controller removes the file at Hello."""
+    with open(path, "rb") as f:
+        boot = json.loads(f.read())
+    return str(boot["address"]), str(boot["token"]), int(boot["max_message_bytes"])
+
+
 def main() -> None:
-    socket_path = os.environ.get("LEGION_SOCKET", "/run/legion/legion.sock")
-    token = os.environ.pop("LEGION_TOKEN", "")
-    max_message = int(os.environ.get("LEGION_MAX_MESSAGE_BYTES", _DEFAULT_MAX_MESSAGE))
-    if not token:
-        print("legion_runner: LEGION_TOKEN is not set", file=sys.__stderr__)
+    if len(sys.argv) != 2:
+        print("legion_runner: usage: python3 -m legion_runner BOOT_FILE", file=sys.__stderr__)
         sys.exit(2)
-    runner = Runner(socket_path, token, max_message=max_message)
+    try:
+        address, token, max_message = _read_boot(sys.argv[1])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"legion_runner: cannot read the boot file: {exc!r}", file=sys.__stderr__)
+        sys.exit(2)
+    runner = Runner(address, token, max_message=max_message)
+    del token
     sys.stdout = runner.stdout
     sys.stderr = runner.stderr
     runner.serve()

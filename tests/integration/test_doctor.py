@@ -19,6 +19,7 @@ CHECKS = [
     "sandbox image",
     "gVisor (runsc)",
     "limits support",
+    "limits in force",
     "seccomp profile",
     "socket directory",
     "sandbox start",
@@ -120,6 +121,8 @@ def test_this_machine_passes_every_check(docker_ready: None) -> None:
         assert status(lines[name]) in expected, lines[name]
     assert "uid 65534" in lines["sandbox start"]
     assert "256 MiB, 128 pids" in lines["sandbox start"]
+    # The default limits are shown, in their units.
+    assert "memory 256 MiB, 1 CPU, 128 pids, run timeout 60 s" in lines["limits in force"]
     # The long step said what it was doing while it ran.
     assert "starting a sandbox with the default limits" in output
     assert "this machine can run Legion sandboxes" in output

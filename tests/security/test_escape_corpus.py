@@ -300,7 +300,7 @@ CORPUS: list[tuple[str, str, str, Any]] = [
         "environment_holds_nothing_secret",
         "sorted(k for k in os.environ if k not in ('PATH', 'HOSTNAME', 'HOME', 'LANG', "
         "'PYTHONPATH', 'PYTHONDONTWRITEBYTECODE', 'PYTHONUNBUFFERED', "
-        "'GRPC_ENABLE_FORK_SUPPORT', 'LEGION_SOCKET', 'LEGION_MAX_MESSAGE_BYTES'))",
+        "'GRPC_ENABLE_FORK_SUPPORT'))",
         [],
     ),
     ("leaks", "runner_token_gone_from_environment", "'LEGION_TOKEN' in os.environ", False),

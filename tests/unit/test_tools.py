@@ -185,7 +185,7 @@ async def test_a_tools_own_timeout_error_is_not_a_tool_timeout() -> None:
     assert json.loads(waited.value.json) == "done"
 
 
-async def test_rate_limit_and_concurrency_cap() -> None:
+async def test_concurrency_cap() -> None:
     in_flight = 0
     peak = 0
     lock = threading.Lock()
@@ -205,12 +205,6 @@ async def test_rate_limit_and_concurrency_cap() -> None:
     results = await asyncio.gather(*(capped.handle(_call("work", ""), ctx) for _ in range(8)))
     assert all(r.WhichOneof("outcome") == "value" for r in results)
     assert peak == 2
-    limited = _dispatcher(work, rate=3)
-    outcomes = [
-        (await limited.handle(_call("work", ""), ctx)).WhichOneof("outcome") for _ in range(5)
-    ]
-    assert outcomes.count("value") == 3
-    assert outcomes.count("error") == 2
 
 
 async def test_tools_run_with_the_callers_vault() -> None:

@@ -1,7 +1,7 @@
 """The controller's end of the sandbox channel.
 
-One gRPC server per runtime listens on a Unix socket in a host directory that
-each container mounts read-only. A runner dials in and opens one Connect
+One gRPC server per runtime listens on the Unix socket of the runtime's
+:class:`~legion.sandbox.endpoint.UnixSocketEndpoint`. A runner dials in and opens one Connect
 stream; its first message must be Hello with a token the runtime is
 expecting. Each token works once. After Hello the stream is a
 :class:`Connection`.
@@ -33,7 +33,6 @@ from .._proto import sandbox_pb2_grpc as pb_grpc
 
 log = get_logger("legion.sandbox.channel")
 
-SOCKET_NAME = "legion.sock"
 # Room for the envelope around a payload (ids, field tags) within one message.
 ENVELOPE_BYTES = 4096
 _HELLO_TIMEOUT = 10.0
@@ -181,11 +180,10 @@ def _hand_over(future: asyncio.Future[Connection], connection: Connection) -> No
 
 
 class ChannelServer:
-    """The gRPC server sandboxes dial into, on ``<directory>/legion.sock``."""
+    """The gRPC server sandboxes dial into, on the Unix socket ``socket_path``."""
 
-    def __init__(self, directory: Path, *, max_message_bytes: int) -> None:
-        self.directory = directory
-        self.socket_path = directory / SOCKET_NAME
+    def __init__(self, socket_path: Path, *, max_message_bytes: int) -> None:
+        self.socket_path = socket_path
         self._max_message = max_message_bytes + ENVELOPE_BYTES
         self._expected: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Connection]]] = {}
         self._lock = threading.Lock()

@@ -1,8 +1,13 @@
-"""A sandbox runtime: the channel server, the Docker backend and a warm pool.
+"""A sandbox runtime: the channel server, a backend and a warm pool.
 
 One runtime serves many :class:`legion.Sandbox` objects, one container each.
 ``Sandbox()`` without ``runtime=`` uses a default runtime for the running event
-loop, started on first use and closed at interpreter exit.
+loop, started on first use and closed with the loop (and, failing that, at
+interpreter exit).
+
+The runtime talks to its engine only through a :class:`SandboxBackend`
+(the Docker one unless told otherwise), and tells runners where to dial
+through a :class:`ChannelEndpoint`.
 """
 
 from __future__ import annotations
@@ -29,8 +34,16 @@ from .._log import get_logger
 from ..config import SandboxLimits
 from ..errors import SandboxError, SandboxStartError, UsageError
 from . import image as _image
+from .backend import (
+    Capacity,
+    SandboxBackend,
+    SandboxState,
+    SandboxStats,
+    StartRequest,
+    owner_alive,
+)
 from .channel import ChannelServer, Connection
-from .docker_backend import LABEL, OWNER_LABEL, ContainerStats, DockerBackend, owner_alive
+from .endpoint import SOCKET_NAME, BootFile, UnixSocketEndpoint
 
 log = get_logger("legion.sandbox.runtime")
 
@@ -97,6 +110,14 @@ class HostSandbox:
     memory_bytes: int | None
 
 
+def _docker_backend(image: str, runtime_id: str, client: Any) -> SandboxBackend:
+    # Imported here: docker-py is the Docker backend's alone, and a program
+    # that only talks to a controller (legion.client) never loads it.
+    from .docker_backend import DockerBackend  # noqa: PLC0415
+
+    return DockerBackend(image=image, runtime_id=runtime_id, client=client)
+
+
 def _env_pool_size() -> int:
     raw = os.environ.get("LEGION_POOL_SIZE")
     if raw is None:
@@ -129,17 +150,33 @@ class SandboxRuntime:
         pool_size: int | None = None,
         image: str | None = None,
         socket_dir: Path | None = None,
+        backend: SandboxBackend | None = None,
         docker_client: Any = None,
     ) -> None:
         self.limits = limits or SandboxLimits()
         self.pool_size = _env_pool_size() if pool_size is None else pool_size
         if self.pool_size < 0:
             raise UsageError("pool_size must be 0 (cold starts) or more")
-        self.id = uuid.uuid4().hex
-        self.image = image or os.environ.get("LEGION_IMAGE") or _image.image_tag()
-        self.backend = DockerBackend(image=self.image, runtime_id=self.id, client=docker_client)
+        if backend is not None:
+            if image is not None or docker_client is not None:
+                raise UsageError(
+                    "give SandboxRuntime a backend or image=/docker_client=, not both: "
+                    "the backend carries its own image and engine"
+                )
+            self.id = backend.runtime_id
+            self.image = backend.image
+            self.backend = backend
+        else:
+            self.id = uuid.uuid4().hex
+            self.image = image or os.environ.get("LEGION_IMAGE") or _image.image_tag()
+            self.backend = _docker_backend(self.image, self.id, docker_client)
+        self.capacity: Capacity | None = None
+        """What the engine has to give, once started."""
+        self._warned: set[SandboxLimits] = set()
         self._socket_parent = socket_dir
         self._dir: Path | None = None
+        self.endpoint: UnixSocketEndpoint | None = None
+        """Where this runtime's runners dial in, once started."""
         self._channel: ChannelServer | None = None
         self._ready: deque[Lease] = deque()
         self._starting = 0
@@ -168,19 +205,24 @@ class SandboxRuntime:
                 return self
             if self._state == "closed":
                 raise SandboxError("this SandboxRuntime is closed")
-            await self.backend.check()
+            self.capacity = await self.backend.check()
+            self._check_limits(self.limits)
             await self.backend.reap_orphans()
             parent = Path(self._socket_parent or tempfile.gettempdir())
             _reap_socket_dirs(parent)
             # The owner's pid in the name: a later runtime removes the
             # directories of controllers that died without cleaning up.
             self._dir = Path(tempfile.mkdtemp(prefix=f"legion-{os.getpid()}-", dir=parent))
-            self._dir.chmod(0o755)  # the container's unprivileged user must reach the socket
+            # The container's unprivileged user must reach the socket and its
+            # own boot file, but not list the others' (0711).
+            self._dir.chmod(0o711)
+            self.endpoint = UnixSocketEndpoint(self._dir)
             self._channel = ChannelServer(
-                self._dir, max_message_bytes=self.limits.max_message_bytes
+                self.endpoint.socket_path, max_message_bytes=self.limits.max_message_bytes
             )
             await self._channel.start()
             _live_runtimes.add(self)
+            _owners[type(self.backend)] = self.backend
             self._state = "started"
             if self.pool_size:
                 self._refill_task = asyncio.create_task(self._refill(), name="legion-pool")
@@ -198,26 +240,31 @@ class SandboxRuntime:
             self._state = "closed"
             return
         self._state = "closing"
-        if self._refill_task is not None:
-            self._refill_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill_task
-        # Starts in flight finish and see the runtime closing: they release
-        # what they started (a container being created cannot be cancelled).
-        await asyncio.gather(*list(self._pool_starts), return_exceptions=True)
-        while self._ready:
-            self.release(self._ready.popleft())
-        for container_id in list(self._containers):
-            self._remove(container_id)
-        while self._removals:
-            await asyncio.gather(*list(self._removals), return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-        self.backend.close()
-        _live_runtimes.discard(self)
-        self._state = "closed"
+        try:
+            if self._refill_task is not None:
+                self._refill_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refill_task
+            # Starts in flight finish and see the runtime closing: they release
+            # what they started (a container being created cannot be cancelled).
+            await asyncio.gather(*list(self._pool_starts), return_exceptions=True)
+            while self._ready:
+                self.release(self._ready.popleft())
+            for container_id in list(self._containers):
+                self._remove(container_id)
+            while self._removals:
+                await asyncio.gather(*list(self._removals), return_exceptions=True)
+            # What no task of ours knows of: a start whose caller was cancelled
+            # (asyncio.run cancels every task before it closes the runtime).
+            await self.backend.aclose()
+            self._containers.clear()
+        finally:
+            if self._channel is not None:
+                await self._channel.stop()
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+            _live_runtimes.discard(self)
+            self._state = "closed"
 
     async def __aenter__(self) -> SandboxRuntime:
         return await self.start()
@@ -243,7 +290,7 @@ class SandboxRuntime:
         container, all at once); nothing is measured unless this is called."""
         now = time.monotonic()
         leases = [lease for lease in self._leases.values() if lease.connection.is_open]
-        usage: list[ContainerStats | None] = [None] * len(leases)
+        usage: list[SandboxStats | None] = [None] * len(leases)
         if memory and leases:
             usage = await asyncio.gather(
                 *(self.backend.stats(lease.container_id) for lease in leases)
@@ -290,6 +337,8 @@ class SandboxRuntime:
                 f"on the runtime instead: SandboxRuntime(limits=SandboxLimits("
                 f"max_message_bytes=...))."
             )
+        if limits is not self.limits:
+            self._check_limits(limits)
         if limits == self.limits:
             while self._ready:
                 lease = self._ready.popleft()
@@ -315,6 +364,24 @@ class SandboxRuntime:
                     self._refill_wanted.set()
                     return lease
         return await self._start_container(limits)
+
+    async def stopped_state(self, lease: Lease) -> SandboxState | None:
+        """The state of a leased container once it has stopped (or a few
+        seconds on); None when it is gone. How a crash is told from an OOM kill."""
+        return await self.backend.wait_stopped(lease.container_id)
+
+    def _check_limits(self, limits: SandboxLimits) -> None:
+        """UsageError for limits the engine cannot give; a warning, once per
+        set of limits, for ones that are allowed but surprising."""
+        if limits in self._warned:
+            return
+        capacity = self.capacity or Capacity(memory_bytes=None, cpus=None)
+        for warning in limits.check_capacity(
+            memory_bytes=capacity.memory_bytes, cpus=capacity.cpus
+        ):
+            log.warning("sandbox_limits_surprising", runtime=self.id[:8], warning=warning)
+        if len(self._warned) < 64:  # a program with ever-new limits is checked each time
+            self._warned.add(limits)
 
     def release(self, lease: Lease) -> asyncio.Task[None]:
         """Kill and remove a leased container in the background."""
@@ -345,31 +412,40 @@ class SandboxRuntime:
         return task
 
     async def _start_container(self, limits: SandboxLimits) -> Lease:
-        if self._channel is None or self._dir is None:
+        if self._channel is None or self.endpoint is None:
             raise SandboxError("the runtime is not started")
         token = secrets.token_urlsafe(32)
         hello = self._channel.expect(token)
-        name = f"legion-{self.id[:8]}-{next(self._names)}"
-        config = self.backend.container_config(limits, token=token, socket_dir=self._dir, name=name)
+        boot = self.endpoint.write_boot(token=token, max_message_bytes=limits.max_message_bytes)
+        request = StartRequest(
+            name=f"legion-{self.id[:8]}-{next(self._names)}",
+            limits=limits,
+            endpoint=self.endpoint,
+            boot=boot,
+        )
         begun = time.perf_counter()
         # Creating runs in a thread that a cancelled caller cannot stop: shield
         # it, and remove what it created if the caller has gone.
-        creating = asyncio.ensure_future(self.backend.start(config))
+        creating = asyncio.ensure_future(self.backend.start(request))
         try:
             container_id = await asyncio.shield(creating)
         except BaseException:
             self._channel.forget(token)
+            boot.discard()
             creating.add_done_callback(self._remove_if_created)
             raise
         self._containers.add(container_id)
         for stuck in self._unremoved - self._removing:  # the engine answers again
             self._remove(stuck)
         try:
-            connection = await self._await_hello(container_id, hello, limits)
+            connection = await self._await_hello(container_id, hello, limits, boot)
         except BaseException:
             self._channel.forget(token)
             self._remove(container_id)
             raise
+        finally:
+            # Read by now (or never to be): the token must not outlive the Hello.
+            boot.discard()
         log.debug(
             "sandbox_started",
             container=container_id[:12],
@@ -386,14 +462,21 @@ class SandboxRuntime:
             self._remove(creating.result())
 
     async def _await_hello(
-        self, container_id: str, hello: asyncio.Future[Connection], limits: SandboxLimits
+        self,
+        container_id: str,
+        hello: asyncio.Future[Connection],
+        limits: SandboxLimits,
+        boot: BootFile,
     ) -> Connection:
         deadline = time.monotonic() + limits.start_timeout_seconds
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(hello), 1.0)
+                connection = await asyncio.wait_for(asyncio.shield(hello), 1.0)
             except TimeoutError:
                 pass
+            else:
+                boot.discard()  # before anyone can send code to the sandbox
+                return connection
             state = await self.backend.state(container_id)
             if state is None or not state.running:
                 code = None if state is None else state.exit_code
@@ -457,39 +540,42 @@ class SandboxRuntime:
         return False
 
 
-async def host_sandboxes(*, memory: bool = True, docker_client: Any = None) -> list[HostSandbox]:
-    """Every Legion container on this machine's Docker engine, whichever
-    controller process started it (``legion ps`` without ``--remote``). With
+async def host_sandboxes(
+    *, memory: bool = True, backend: SandboxBackend | None = None
+) -> list[HostSandbox]:
+    """Every Legion sandbox on this machine's engine, whichever controller
+    process started it (``legion ps`` without ``--remote``). With
     ``memory``, running ones have their memory read (one stats call each, all
-    at once). Raises DockerUnavailable when no engine answers."""
-    backend = DockerBackend(image="", runtime_id="", client=docker_client)  # it only lists
+    at once). Raises BackendUnavailable when no engine answers."""
+    lister = backend or _docker_backend("", "", None)  # it only lists
     try:
-        found = await backend.all_sandboxes()
-        running = [c["Id"] for c in found if c.get("State") == "running"]
+        found = await lister.list(every_runtime=True)
+        running = [s.sandbox_id for s in found if s.state == "running"]
         usage: dict[str, int | None] = {}
         if memory and running:
-            measured = await asyncio.gather(*(backend.memory_usage(cid) for cid in running))
-            usage = dict(zip(running, measured, strict=True))
+            measured = await asyncio.gather(*(lister.stats(sid) for sid in running))
+            usage = {
+                sid: stats.memory_bytes if stats is not None else None
+                for sid, stats in zip(running, measured, strict=True)
+            }
     finally:
-        backend.close()
+        if backend is None:
+            await lister.aclose()
     now = time.time()
     sandboxes = []
-    for c in found:
-        labels = c.get("Labels") or {}
-        owner = labels.get(OWNER_LABEL, "")
-        pid = owner.split("/")[1] if owner.count("/") == 2 else ""
-        names = c.get("Names") or [""]
+    for s in found:
+        pid = s.owner.split("/")[1] if s.owner.count("/") == 2 else ""
         sandboxes.append(
             HostSandbox(
-                container_id=c["Id"],
-                name=names[0].lstrip("/"),
-                runtime_id=labels.get(LABEL, ""),
-                owner=owner,
+                container_id=s.sandbox_id,
+                name=s.name,
+                runtime_id=s.runtime_id,
+                owner=s.owner,
                 owner_pid=int(pid) if pid.isdigit() else None,
-                owner_alive=owner_alive(owner),
-                state=c.get("State", ""),
-                age_seconds=max(0.0, now - c.get("Created", now)),
-                memory_bytes=usage.get(c["Id"]),
+                owner_alive=owner_alive(s.owner),
+                state=s.state,
+                age_seconds=max(0.0, now - s.created),
+                memory_bytes=usage.get(s.sandbox_id),
             )
         )
     return sorted(sandboxes, key=lambda sandbox: sandbox.age_seconds)
@@ -504,11 +590,16 @@ def _reap_socket_dirs(parent: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            # Only ever a socket in there; anything else is not ours to delete.
-            if {p.name for p in path.iterdir()} <= {"legion.sock"}:
+            # Only ever a socket and boot files in there; anything else is
+            # not ours to delete.
+            if all(_is_endpoint_file(p.name) for p in path.iterdir()):
                 shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+
+
+def _is_endpoint_file(name: str) -> bool:
+    return name == SOCKET_NAME or (name.startswith("boot-") and name.endswith(".json"))
 
 
 # --- the default runtime, one per event loop -----------------------------------
@@ -542,12 +633,20 @@ async def _close_at_loop_shutdown(runtime: SandboxRuntime) -> AsyncIterator[None
         await runtime.aclose()
 
 
+_owners: dict[type, SandboxBackend] = {}
+"""A backend of each kind that started a runtime in this process (atexit)."""
+
+
 @atexit.register
 def _remove_leftovers() -> None:
-    # A program that never closed its runtime must not leave containers behind.
-    for runtime in list(_live_runtimes):
+    # A program that never closed its runtime (or whose runtime could not
+    # finish closing) must not leave containers behind: remove every one this
+    # process owns. The engine threads have finished by now (the interpreter
+    # joins them before atexit hooks), so no start is still under way.
+    for backend in list(_owners.values()):
         with contextlib.suppress(Exception):
-            runtime.backend.remove_all_sync()
+            backend.remove_owned_sync()
+    for runtime in list(_live_runtimes):
         if runtime._channel is not None:
             runtime._channel.stop_sync()
         if runtime._dir is not None:

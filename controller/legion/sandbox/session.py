@@ -277,6 +277,7 @@ class Sandbox:
             timeout=limits.tool_timeout_seconds,
             max_concurrent=limits.max_concurrent_tool_calls,
             rate=limits.tool_calls_per_second,
+            rate_mode=limits.tool_rate_limit_mode,
             max_message=limits.max_message_bytes,
         )
         self._lease = lease
@@ -390,7 +391,7 @@ class Sandbox:
         if self._closed:
             raise SandboxClosed("this Sandbox is closed; create a new one")
         if self._lease is not None and not self._lease.connection.is_open:
-            await self._discard(self._lease)  # died between runs: let its container go
+            await self._drop(self._lease)  # died between runs: let its container go
         if self._lease is None:
             await self.start()
         assert self._lease is not None
@@ -506,7 +507,7 @@ class Sandbox:
                 await asyncio.wait_for(asyncio.shield(transfer.done), timeout)
             except TimeoutError:
                 # The runner cannot be interrupted inside pickle: replace it.
-                await self._discard(lease)
+                await self._drop(lease)
                 raise SnapshotError(
                     f"{doing} did not finish within {timeout:g} s and was stopped. The "
                     "sandbox was replaced with a fresh one: variables from earlier runs "
@@ -553,7 +554,7 @@ class Sandbox:
             msg = await asyncio.wait_for(
                 asyncio.shield(execution.done), lease.limits.kill_grace_seconds
             )
-        await self._discard(lease)
+        await self._drop(lease)
         partial = self._result(execution, msg)
         return ExecResult(
             stdout=partial.stdout,
@@ -580,11 +581,11 @@ class Sandbox:
     ) -> SandboxCrashed:
         assert self._runtime is not None
         try:
-            state = await self._runtime.backend.wait_stopped(lease.container_id)
+            state = await self._runtime.stopped_state(lease)
         except SandboxError:  # the engine itself is gone: say so, after letting go
-            await self._discard(lease)
+            await self._drop(lease)
             raise
-        await self._discard(lease)
+        await self._drop(lease)
         stdout = execution.text(pb.STREAM_STDOUT)[0] if execution is not None else ""
         stderr = execution.text(pb.STREAM_STDERR)[0] if execution is not None else ""
         fresh = "The next run gets a fresh sandbox: variables from earlier runs are gone."
@@ -604,23 +605,19 @@ class Sandbox:
             stderr=stderr,
         )
 
-    def _drop(self, lease: Lease) -> asyncio.Task[None] | None:
-        """Stop using ``lease``: cancel its tool calls, remove its container."""
+    def _drop(self, lease: Lease) -> asyncio.Task[None]:
+        """Stop using ``lease``: cancel its tool calls and start removing its
+        container. Returns the removal, to await where waiting is allowed
+        (not while being cancelled)."""
         if self._lease is lease:
             self._lease = None
         for task in list(self._calls):
             task.cancel()
-        if self._runtime is None:
-            return None
+        assert self._runtime is not None  # a lease comes from the runtime
         removal = self._runtime.release(lease)
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
         return removal
-
-    async def _discard(self, lease: Lease) -> None:
-        removal = self._drop(lease)
-        if removal is not None:
-            await removal
 
     # messages from the runner ------------------------------------------------
 
