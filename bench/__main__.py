@@ -250,7 +250,28 @@ async def bench_ours(smoke: bool, log: Measures) -> tuple[dict[str, Any], str | 
     await put("pool_acquire", lambda: bench_pool_acquire(3 if smoke else 30))
     await put("cold_start_to_first_result", lambda: bench_cold(2 if smoke else 15))
     await put("docker_run_rm_baseline", docker_run)
+    await put("import_legion_client", lambda: bench_client_import(3 if smoke else 10))
     return measures, image
+
+
+async def bench_client_import(n: int) -> dict[str, Any]:
+    """Seconds for a fresh interpreter to `import legion.client` (what a
+    program that only talks to a controller pays), less a bare interpreter's
+    start, and whether that import loaded docker-py or litellm (it must not)."""
+    probe = (
+        "import sys, time; t = time.perf_counter(); import legion.client; "
+        "print(time.perf_counter() - t, 'docker' in sys.modules, 'litellm' in sys.modules)"
+    )
+    samples = []
+    for _ in range(n):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", probe], capture_output=True, text=True
+        )
+        check(done.returncode, 0, "the import probe's exit status", error=done.stderr[-500:])
+        seconds, docker_loaded, litellm_loaded = done.stdout.split()
+        check((docker_loaded, litellm_loaded), ("False", "False"), "docker, litellm imported")
+        samples.append(float(seconds))
+    return _summary(samples)
 
 
 # --- the peers ----------------------------------------------------------------

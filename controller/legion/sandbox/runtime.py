@@ -68,7 +68,7 @@ class Lease:
 
 
 @dataclass(frozen=True)
-class SandboxInfo:
+class LiveSandbox:
     """One live container of a runtime, as :meth:`SandboxRuntime.sandboxes` sees it."""
 
     container_id: str
@@ -283,7 +283,7 @@ class SandboxRuntime:
         """Ids of the containers this runtime has started and not yet removed."""
         return frozenset(self._containers)
 
-    async def sandboxes(self, *, memory: bool = True) -> list[SandboxInfo]:
+    async def sandboxes(self, *, memory: bool = True) -> list[LiveSandbox]:
         """The live containers whose runner is connected: in use by a Sandbox,
         or waiting in the pool. With ``memory``, each one's memory (now and
         peak) and CPU time are read from the engine (one stats call per
@@ -296,7 +296,7 @@ class SandboxRuntime:
                 *(self.backend.stats(lease.container_id) for lease in leases)
             )
         return [
-            SandboxInfo(
+            LiveSandbox(
                 container_id=lease.container_id,
                 run_id=lease.run_id,
                 agent=lease.agent,

@@ -316,7 +316,7 @@ class Sandbox:
         ``timeout`` defaults to the limits' ``timeout_seconds``; ``reset=True``
         starts from an empty namespace (tools stay).
         """
-        with telemetry.span("sandbox.eval", code=code) as stop:
+        with telemetry.span(telemetry.SANDBOX_EVAL, code=code) as stop:
             result = await self._run(code, timeout=timeout, reset=reset)
             stop.update(
                 success=result.ok,

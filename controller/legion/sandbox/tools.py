@@ -357,7 +357,7 @@ class ToolDispatcher:
             if refused is not None:
                 return refused
             with telemetry.span(
-                "tool.call", tool=call.tool, function=call.function, **extra
+                telemetry.TOOL_CALL, tool=call.tool, function=call.function, **extra
             ) as stop:
                 result = await self._invoke(
                     call.call_id, label, fn, args=args, kwargs=kwargs, context=context
