@@ -14,7 +14,7 @@ NODE_STAMP := tests/interop/node_modules/.legion-installed
 BROWSER_STAMP := tests/dashboard/node_modules/.legion-installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test bench image protos lint docker setup interop browser clean
+.PHONY: demo test bench image environments protos lint docker setup interop browser clean
 
 $(STAMP): pyproject.toml
 	@echo "make: setting up $(VENV) (Python packages; the first time takes a minute or two)..."
@@ -30,6 +30,12 @@ docker:
 
 image: setup docker
 	@$(VENV)/bin/legion image build
+
+# The shipped environments (sandbox_image/recipes/): content-addressed, so a
+# no-op (under a second) unless a recipe or the runner changed; a build takes
+# about 30 s here (pip download on the host, installed offline in the build).
+environments: image
+	@$(VENV)/bin/legion image build --recipe data
 
 demo: image
 	@$(PY) examples/agent_demo.py
@@ -65,7 +71,7 @@ GVISOR_SUITE := tests/integration/test_sandbox.py tests/integration/test_agent.p
 	tests/integration/test_live.py tests/integration/test_snapshot.py \
 	tests/integration/test_subagents.py tests/integration/test_human.py
 
-test: image interop browser
+test: image environments interop browser
 	@$(PY) -m pytest
 	@if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then \
 		echo "make: the core integration suite again, every sandbox under gVisor (runsc)..."; \
@@ -76,7 +82,7 @@ test: image interop browser
 		echo "make: runsc is not registered with the engine; the gVisor pass is skipped"; \
 	fi
 
-bench: image
+bench: image environments
 	@$(PY) -m bench
 
 protos: setup

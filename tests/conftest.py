@@ -79,6 +79,33 @@ async def runtime(docker_ready: None) -> AsyncIterator[legion.SandboxRuntime]:
         yield rt
 
 
+def ensure_data_image() -> str:
+    """The tag of the ``data`` environment (numpy, pandas, matplotlib), built
+    when missing (about 30 s here; a no-op when its tag exists). Skips, or
+    fails under LEGION_REQUIRE_DOCKER=1, when it cannot be built."""
+    from legion.sandbox import environment
+
+    try:
+        return environment.build_environment(recipe="data")
+    except legion.LegionError as exc:
+        missing(f"the data environment cannot be built here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def data_image(docker_ready: None) -> str:
+    """:func:`ensure_data_image`, once per session."""
+    return ensure_data_image()
+
+
+@pytest.fixture(scope="session")
+async def data_runtime(data_image: str) -> AsyncIterator[legion.SandboxRuntime]:
+    """A runtime whose image is ``data``, under the default limits: its warm
+    container has numpy, pandas and matplotlib.pyplot imported (preload)."""
+    limits = legion.SandboxLimits(runtime=CONTAINER_RUNTIME)
+    async with legion.SandboxRuntime(pool_size=1, limits=limits, image="data") as rt:
+        yield rt
+
+
 @pytest.fixture
 async def sandbox(runtime: legion.SandboxRuntime) -> AsyncIterator[legion.Sandbox]:
     async with legion.Sandbox(runtime=runtime) as sb:

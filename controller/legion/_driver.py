@@ -23,12 +23,13 @@ from .config import AgentConfig, resolve_agent_config
 from .errors import MaxIterationsReached, MaxRetriesReached, RunError, SandboxCrashed
 from .models import LiteLLMModel, Model, model_override
 from .prompt import build_system_prompt
-from .sandbox import ExecResult, Sandbox, SandboxRuntime
+from .sandbox import ExecResult, Sandbox, SandboxRuntime, environment
+from .sandbox.backend import Package
 
 if TYPE_CHECKING:
     from .agent import AgentDefinition
 
-__all__ = ["RunDriver", "current_runtime", "new_sandbox", "prepare"]
+__all__ = ["RunDriver", "current_runtime", "image_packages", "new_sandbox", "prepare"]
 
 current_runtime: ContextVar[SandboxRuntime | None] = ContextVar(
     "legion_current_runtime", default=None
@@ -139,7 +140,9 @@ class RunDriver:
         """Where a long-lived agent's sandbox comes from: the run uses it and
         leaves it open. None: the run starts its own and closes it."""
         self.machine = StepMachine(
-            system_prompt=build_system_prompt(definition, config),
+            system_prompt=build_system_prompt(
+                definition, config, packages=image_packages(config, runtime)
+            ),
             task=task,
             max_iterations=config.max_iterations,
             max_retries=config.max_retries,
@@ -242,4 +245,15 @@ async def new_sandbox(
         vault=vault,
         runtime=runtime,
         agent=definition.name,
+        image=config.image,
     ).start()
+
+
+def image_packages(config: AgentConfig, runtime: SandboxRuntime | None) -> tuple[Package, ...]:
+    """What the agent's code can import beyond the standard library: the
+    packages of its image (``config.image``, else the runtime's). Asks the
+    engine once per image and half a minute; the runner's own image answers
+    none without asking. Raises ImageNotFound (with the build command) when
+    the image is not built."""
+    image = config.image or (runtime.image if runtime is not None else None)
+    return environment.describe(image).packages

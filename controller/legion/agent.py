@@ -27,7 +27,7 @@ import jsonschema
 import pydantic
 
 from . import telemetry
-from ._driver import RunDriver, prepare
+from ._driver import RunDriver, image_packages, prepare
 from ._log import get_logger
 from ._loop import ACTIONS, ALL_ACTIONS, InvalidOutput
 from ._results import RunResult
@@ -245,7 +245,7 @@ def prompt_for(agent: type[Agent], **overrides: Any) -> str:
     """The system prompt a run of ``agent`` would use."""
     definition = definition_of(agent)
     config = resolve_agent_config(definition.config, overrides, where=f"{definition.name}.config")
-    return build_system_prompt(definition, config)
+    return build_system_prompt(definition, config, packages=image_packages(config, None))
 
 
 async def run(

@@ -11,18 +11,55 @@ from .errors import LegionError, UsageError
 from .store import default_store_path
 
 
-def _image_build(args: argparse.Namespace) -> int:
-    from .sandbox import image  # noqa: PLC0415 - keep `legion --help` fast
+def _environment_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The environment the image options ask for; None: the runner image."""
+    if args.requirements is None and args.recipe is None:
+        if args.name is not None or args.preload is not None:
+            raise UsageError("--name and --preload go with --requirements (or --recipe)")
+        return None
+    preload = None if args.preload is None else [m for m in args.preload.split(",") if m]
+    return {
+        "requirements": args.requirements,
+        "name": args.name,
+        "recipe": args.recipe,
+        "preload": preload,
+    }
 
-    image.build(force=args.force)
+
+def _image_build(args: argparse.Namespace) -> int:
+    from .sandbox import environment, image  # noqa: PLC0415 - keep `legion --help` fast
+
+    options = _environment_options(args)
+    if options is None:
+        image.build(force=args.force)
+    else:
+        environment.build_environment(force=args.force, **options)
     return 0
 
 
 def _image_name(args: argparse.Namespace) -> int:
-    from .sandbox import image  # noqa: PLC0415
+    from .sandbox import environment, image  # noqa: PLC0415
 
-    print(image.image_tag())
+    options = _environment_options(args)
+    print(image.image_tag() if options is None else environment.environment_tag(**options))
     return 0
+
+
+def _add_environment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--requirements",
+        metavar="FILE|DIR",
+        help="an environment: the runner image plus these packages (a pip requirements file, "
+        "or a directory of wheels for hosts without a package index)",
+    )
+    parser.add_argument("--name", help="the environment's name, which sandboxes select it by")
+    parser.add_argument("--recipe", help="a shipped environment instead: data (numpy, pandas, ...)")
+    parser.add_argument(
+        "--preload",
+        metavar="MODULES",
+        help="comma-separated modules warm containers import ahead of the first run "
+        "(default: the requirements file's `# legion-preload:` line)",
+    )
 
 
 def _prompt(args: argparse.Namespace) -> int:
@@ -256,11 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     image = commands.add_parser("image", help="the sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True)
     build = image_commands.add_parser(
-        "build", help="build the sandbox image (skipped when this runner's image exists)"
+        "build",
+        help="build the sandbox image, or an environment with packages (skipped when an "
+        "image with this content exists)",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    _add_environment_options(build)
     build.set_defaults(func=_image_build)
-    name = image_commands.add_parser("name", help="print the tag this runner's image has")
+    name = image_commands.add_parser(
+        "name", help="print the tag this runner's image (or an environment) has"
+    )
+    _add_environment_options(name)
     name.set_defaults(func=_image_name)
     prompt = commands.add_parser("prompt", help="print an agent's system prompt")
     prompt.add_argument("agent", help="the agent class, as package.module:Class")

@@ -278,6 +278,12 @@ class AgentConfig:
     """First retry's delay in seconds; doubles each time (a Retry-After header wins)."""
     sandbox_limits: SandboxLimits | None = None
     """Container limits for this agent's sandbox (None: the runtime's)."""
+    image: str | None = None
+    """The environment its code runs in: a name (``"data"``: numpy, pandas,
+    matplotlib; or one built with ``legion image build --requirements FILE
+    --name NAME``) or an image reference. None: the runtime's image (the
+    standard library only, unless ``LEGION_IMAGE`` or the runtime says else).
+    The system prompt lists the environment's packages."""
     idle_timeout: float = 300.0
     """Seconds a long-lived agent with ``conversation`` scope keeps its container
     between turns; then its bindings are snapshotted and the container removed
@@ -311,6 +317,13 @@ class AgentConfig:
             raise UsageError(
                 f"model {self.model!r} is not a litellm model string such as 'openai/gpt-4o-mini'"
             )
+        if self.image is not None and not (isinstance(self.image, str) and self.image.strip()):
+            if self.image != "":  # LEGION_IMAGE= (empty): the runtime's image
+                raise UsageError(
+                    f"image must be an environment's name (such as 'data') or an image "
+                    f"reference, got {self.image!r}"
+                )
+            object.__setattr__(self, "image", None)
 
 
 _ENV_PREFIX = "LEGION_"

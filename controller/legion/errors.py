@@ -20,7 +20,7 @@ The tree::
     └── SandboxError             a sandbox could not do its job
         ├── BackendUnavailable   the sandbox backend (its engine) does not answer
         │   └── DockerUnavailable no Docker engine answers
-        ├── ImageNotFound        the sandbox image is not built (`make image`, `legion image build`)
+        ├── ImageNotFound        an image is not built; says the command (`legion image build ...`)
         ├── BackendError         the engine refused or failed an operation
         ├── SandboxStartError    a container did not become ready (no Hello in time, or exited)
         ├── SandboxClosed        the Sandbox was used after it was closed
@@ -71,7 +71,8 @@ class DockerUnavailable(BackendUnavailable):
 
 
 class ImageNotFound(SandboxError):
-    """The sandbox image for this version of the runner has not been built."""
+    """A sandbox image is not built: the runner's, or an environment's (such
+    as ``data``). The message says the command that builds it."""
 
 
 class BackendError(SandboxError):

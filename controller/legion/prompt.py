@@ -8,6 +8,7 @@ cached: ``legion prompt module:AgentClass`` prints it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._loop import ACTIONS
@@ -15,6 +16,7 @@ from .config import AgentConfig, SandboxLimits
 
 if TYPE_CHECKING:
     from .agent import AgentDefinition
+    from .sandbox.backend import Package
 
 _SCOPES = {
     "iteration": "Each step starts with an empty namespace: variables do NOT survive from one "
@@ -36,7 +38,27 @@ def output_contract(schema: dict[str, Any] | None) -> str:
     )
 
 
-def build_system_prompt(definition: AgentDefinition, config: AgentConfig) -> str:
+def environment_line(packages: Sequence[Package]) -> str:
+    """What the sandbox's Python has: the standard library, and the packages
+    of its environment image (with their import names where those differ)."""
+    if not packages:
+        return "Python 3.11 with the standard library only; nothing can be installed."
+    shown = []
+    for package in packages:
+        plain = package.name.lower().replace("-", "_")
+        imports = "" if plain in package.modules else f" (import {', '.join(package.modules)})"
+        shown.append(f"{package.name} {package.version}{imports}")
+    return (
+        "Python 3.11 with the standard library and these packages: "
+        f"{', '.join(shown)}. Nothing else can be installed."
+    )
+
+
+def build_system_prompt(
+    definition: AgentDefinition, config: AgentConfig, *, packages: Sequence[Package] = ()
+) -> str:
+    """The prompt of ``definition`` run with ``config``, in a sandbox whose
+    image has ``packages`` beyond the standard library."""
     if definition.system_prompt is not None:
         return definition.system_prompt
     limits = config.sandbox_limits or SandboxLimits()
@@ -53,7 +75,7 @@ def build_system_prompt(definition: AgentDefinition, config: AgentConfig) -> str
         "Prefer code over many small steps: one step can call several tools, loop, filter and "
         "decide. The value of the code's last expression is what you see (or return).",
         "## The sandbox\n"
-        "- Python 3.11 with the standard library only; nothing can be installed.\n"
+        f"- {environment_line(packages)}\n"
         "- No network: the only way out is the tools below.\n"
         f"- Each step may run {config.sandbox_timeout:g} s and use {limits.memory_mb} MiB of "
         "memory; the filesystem is read-only except /tmp.\n"

@@ -125,6 +125,17 @@ async def test_check_says_what_the_engine_has(case: BackendCase) -> None:
     assert capacity.cpus is None or capacity.cpus >= 1
 
 
+async def test_images_are_described_and_a_missing_one_names_its_build(case: BackendCase) -> None:
+    backend = case.make(uuid.uuid4().hex)
+    try:
+        own = await backend.describe_image(backend.image)
+        assert own.packages == () and own.preload == ()  # the runner's: stdlib only
+        with pytest.raises(legion.ImageNotFound, match="legion image build"):
+            await backend.describe_image("no-such-environment")
+    finally:
+        await backend.aclose()
+
+
 async def test_a_sandbox_starts_dials_in_and_runs_within_its_limits(
     case: BackendCase, runtime: legion.SandboxRuntime
 ) -> None:

@@ -9,9 +9,15 @@ import legion
 
 PACKAGE = Path(legion.__file__).parent
 DOCKER_IMPORT = re.compile(r"^\s*(import docker\b|from docker\b)", re.MULTILINE)
-# The Docker backend; and image building and `legion doctor`, which talk to
-# the engine about images and the machine, not about sandboxes.
-MAY_IMPORT_DOCKER = {"sandbox/docker_backend.py", "sandbox/image.py", "doctor.py"}
+# The Docker backend; and image building (the runner's, environments') and
+# `legion doctor`, which talk to the engine about images and the machine, not
+# about sandboxes.
+MAY_IMPORT_DOCKER = {
+    "sandbox/docker_backend.py",
+    "sandbox/image.py",
+    "sandbox/environment.py",
+    "doctor.py",
+}
 
 
 def test_only_the_docker_backend_imports_docker_py() -> None:

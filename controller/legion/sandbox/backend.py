@@ -89,6 +89,34 @@ class StartRequest:
     boot: BootFile
     """The runner's boot file; the backend passes ``boot.sandbox_path`` as the
     runner's only argument and nothing secret in the environment."""
+    image: str | None = None
+    """The image to start (a reference :meth:`SandboxBackend.describe_image`
+    answered); None: the backend's own ``image``."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A distribution installed in a sandbox image beyond the standard library."""
+
+    name: str
+    version: str
+    modules: tuple[str, ...] = ()
+    """Its top-level modules that import in the sandbox (``dateutil`` for python-dateutil)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the engine knows of a sandbox image (:meth:`SandboxBackend.describe_image`)."""
+
+    name: str
+    """The image as it was asked for: an environment's name (``data``) or a reference."""
+    reference: str
+    """What to start containers from: a tag, or the image's id."""
+    packages: tuple[Package, ...] = ()
+    """What its build installed and found importable; empty for the runner's
+    image, whose code has the standard library only."""
+    preload: tuple[str, ...] = ()
+    """Modules its warm containers import ahead of the first run."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,12 @@ class SandboxBackend(Protocol):
     async def check(self) -> Capacity:
         """Raise when the engine or the image is not ready (with the fix);
         else say what the engine has to give."""
+        ...
+
+    async def describe_image(self, image: str) -> ImageInfo:
+        """Resolve ``image`` (an environment's name, or a reference) to what to
+        start, with the packages and preload list it records. Raise
+        ``ImageNotFound`` with the exact command that builds it."""
         ...
 
     async def start(self, request: StartRequest) -> str:

@@ -28,10 +28,11 @@ from docker.types import Ulimit
 from .._log import get_logger
 from ..config import MiB
 from ..errors import BackendError, DockerUnavailable, ImageNotFound, UsageError
-from . import seccomp
+from . import environment, seccomp
 from .backend import (
     BackendSandbox,
     Capacity,
+    ImageInfo,
     SandboxState,
     SandboxStats,
     StartRequest,
@@ -145,17 +146,18 @@ class DockerBackend:
         """Raise DockerUnavailable / ImageNotFound (with the fix) when not
         ready; else the engine's memory and CPUs."""
         info = await self._call("asking Docker about itself", self.client.info)
-        try:
-            await self._call("looking up the sandbox image", self.client.images.get, self.image)
-        except ImageNotFound:
-            raise ImageNotFound(
-                f"the sandbox image {self.image} is not built. Run `make image` in a checkout, "
-                f"or `legion image build`."
-            ) from None
+        await self.describe_image(self.image)
         memory, cpus = info.get("MemTotal"), info.get("NCPU")
         return Capacity(
             memory_bytes=memory if isinstance(memory, int) and memory > 0 else None,
             cpus=float(cpus) if isinstance(cpus, int) and cpus > 0 else None,
+        )
+
+    async def describe_image(self, image: str) -> ImageInfo:
+        """``image`` resolved (an environment's name to its build on this
+        runner), with the packages and preload list its labels record."""
+        return await self._call(
+            f"looking up the sandbox image {image}", environment.resolve, self.client, image
         )
 
     def container_config(self, request: StartRequest) -> dict[str, Any]:
@@ -173,7 +175,7 @@ class DockerBackend:
         elif limits.seccomp_profile != "engine":
             security_opt.append(f"seccomp={Path(limits.seccomp_profile).read_text()}")
         config: dict[str, Any] = {
-            "image": self.image,
+            "image": request.image or self.image,
             # The boot file (token, address) is the runner's only input: nothing
             # of ours is in the environment, which sandbox code could read.
             "command": ["python3", "-m", "legion_runner", request.boot.sandbox_path],

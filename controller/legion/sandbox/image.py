@@ -175,11 +175,13 @@ def docker_build(
     base: str,
     labels: dict[str, str],
     progress: Progress = _say,
-) -> None:
+) -> list[str]:
     """``docker build`` of ``context`` (BASE_IMAGE=``base``) with the classic
     builder, reporting each step; a failure raises BackendError with the tail of
-    the build's output."""
+    the build's output. Returns the ids of the images its steps made (a
+    multi-stage build leaves its earlier stages behind, untagged)."""
     tail: list[str] = []
+    made: list[str] = []
     for chunk in client.api.build(
         path=str(context),
         tag=tag,
@@ -195,8 +197,11 @@ def docker_build(
         line = str(chunk.get("stream", "")).strip()
         if line.startswith("Step "):
             progress(line)
+        elif line.startswith("---> ") and " " not in line[5:]:
+            made.append(line[5:])
         elif line:
             tail.append(line)
+    return made
 
 
 def build(*, force: bool = False, progress: Progress = _say) -> str:

@@ -24,18 +24,20 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import telemetry
 from .._log import get_logger
+from .._proto import sandbox_pb2 as pb
 from ..config import SandboxLimits
-from ..errors import SandboxError, SandboxStartError, UsageError
+from ..errors import ImageNotFound, SandboxError, SandboxStartError, UsageError
 from . import image as _image
 from .backend import (
     Capacity,
+    ImageInfo,
     SandboxBackend,
     SandboxState,
     SandboxStats,
@@ -65,6 +67,8 @@ class Lease:
     """The run that was current when a Sandbox acquired it."""
     agent: str | None = None
     """The agent the acquiring Sandbox said it works for."""
+    image: str | None = None
+    """The image it was started from, as the Sandbox asked for it (None: the runtime's)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class LiveSandbox:
     """The most memory it has used, when measured and the engine says (cgroup v1)."""
     cpu_seconds: float | None = None
     """CPU time it has used since it started, when measured."""
+    image: str | None = None
+    """Its image, when not the runtime's default (an environment's name, or a reference)."""
 
 
 @dataclass(frozen=True)
@@ -138,9 +144,16 @@ class SandboxRuntime:
     :meth:`aclose`. Containers left by a controller that died are removed at
     start-up; every container this runtime started is removed by ``aclose``.
 
-    ``pool_size`` containers with the runtime's default ``limits`` are kept
-    started and ready (0: every sandbox is a cold start). Sandboxes with other
-    limits are started cold.
+    ``pool_size`` containers with the runtime's default ``limits`` and
+    ``image`` are kept started and ready (0: every sandbox is a cold start).
+    Sandboxes with other limits or another image are started cold.
+
+    ``image``: an environment's name (``"data"``, built with ``legion image
+    build``) or an image reference; default ``LEGION_IMAGE``, else the runner
+    image of this version. ``preload``: modules each warm container imports
+    before it is handed out, so the first run does not pay for ``import
+    pandas``; default: the list the image declares (its ``legion.preload``
+    label), ``()`` for none.
     """
 
     def __init__(
@@ -152,8 +165,18 @@ class SandboxRuntime:
         socket_dir: Path | None = None,
         backend: SandboxBackend | None = None,
         docker_client: Any = None,
+        preload: Sequence[str] | None = None,
     ) -> None:
         self.limits = limits or SandboxLimits()
+        if isinstance(preload, str):
+            raise UsageError("preload takes a list of module names, such as ['pandas']")
+        self._preload_asked = None if preload is None else tuple(preload)
+        self.preload: tuple[str, ...] = ()
+        """The modules warm containers import ahead, once started."""
+        self.image_info: ImageInfo | None = None
+        """The default image as the backend resolved it, once started."""
+        self._images: dict[str, ImageInfo] = {}
+        self._preload_warned = False
         self.pool_size = _env_pool_size() if pool_size is None else pool_size
         if self.pool_size < 0:
             raise UsageError("pool_size must be 0 (cold starts) or more")
@@ -206,6 +229,11 @@ class SandboxRuntime:
             if self._state == "closed":
                 raise SandboxError("this SandboxRuntime is closed")
             self.capacity = await self.backend.check()
+            self.image_info = await self.backend.describe_image(self.image)
+            self._images[self.image] = self.image_info
+            self.preload = (
+                self._preload_asked if self._preload_asked is not None else self.image_info.preload
+            )
             self._check_limits(self.limits)
             await self.backend.reap_orphans()
             parent = Path(self._socket_parent or tempfile.gettempdir())
@@ -306,6 +334,7 @@ class SandboxRuntime:
                 limits=lease.limits,
                 peak_memory_bytes=used.peak_memory_bytes if used is not None else None,
                 cpu_seconds=used.cpu_seconds if used is not None else None,
+                image=lease.image,
             )
             for lease, used in zip(leases, usage, strict=True)
         ]
@@ -313,22 +342,42 @@ class SandboxRuntime:
     # containers ------------------------------------------------------------
 
     async def acquire(
-        self, limits: SandboxLimits | None = None, *, agent: str | None = None
+        self,
+        limits: SandboxLimits | None = None,
+        *,
+        agent: str | None = None,
+        image: str | None = None,
     ) -> Lease:
-        """A ready container: from the pool when the limits match, else cold.
+        """A ready container: from the pool when the limits and image match,
+        else cold.
 
-        The lease records the current run (:func:`legion.telemetry.current_run`)
-        and ``agent``, for :meth:`sandboxes`.
+        ``image``: an environment's name or an image reference (None: the
+        runtime's); one that is not built raises :class:`legion.ImageNotFound`
+        with the command that builds it. The lease records the current run
+        (:func:`legion.telemetry.current_run`) and ``agent``, for :meth:`sandboxes`.
         """
-        lease = await self._acquire(limits)
+        if self._state != "started":
+            await self.start()
+        info = await self.describe_image(image) if image else self.image_info
+        assert info is not None and self.image_info is not None
+        default = info.reference == self.image_info.reference
+        lease = await self._acquire(limits, None if default else info)
         lease.in_use = True
         lease.run_id = telemetry.current_run()[0]
         lease.agent = agent
+        lease.image = None if default else image
         return lease
 
-    async def _acquire(self, limits: SandboxLimits | None) -> Lease:
-        if self._state != "started":
-            await self.start()
+    async def describe_image(self, image: str) -> ImageInfo:
+        """``image`` resolved by the backend (an environment's name to its build
+        on this runner), with its packages; ImageNotFound says how to build it.
+        Remembered for the runtime's life."""
+        info = self._images.get(image)
+        if info is None:
+            info = self._images[image] = await self.backend.describe_image(image)
+        return info
+
+    async def _acquire(self, limits: SandboxLimits | None, other: ImageInfo | None) -> Lease:
         limits = limits or self.limits
         if limits.max_message_bytes > self.limits.max_message_bytes:
             raise UsageError(
@@ -339,6 +388,8 @@ class SandboxRuntime:
             )
         if limits is not self.limits:
             self._check_limits(limits)
+        if other is not None:
+            return await self._start_container(limits, other)
         if limits == self.limits:
             while self._ready:
                 lease = self._ready.popleft()
@@ -411,9 +462,12 @@ class SandboxRuntime:
         task.add_done_callback(self._removals.discard)
         return task
 
-    async def _start_container(self, limits: SandboxLimits) -> Lease:
-        if self._channel is None or self.endpoint is None:
+    async def _start_container(
+        self, limits: SandboxLimits, image: ImageInfo | None = None
+    ) -> Lease:
+        if self._channel is None or self.endpoint is None or self.image_info is None:
             raise SandboxError("the runtime is not started")
+        image = image or self.image_info
         token = secrets.token_urlsafe(32)
         hello = self._channel.expect(token)
         boot = self.endpoint.write_boot(token=token, max_message_bytes=limits.max_message_bytes)
@@ -422,6 +476,7 @@ class SandboxRuntime:
             limits=limits,
             endpoint=self.endpoint,
             boot=boot,
+            image=image.reference,
         )
         begun = time.perf_counter()
         # Creating runs in a thread that a cancelled caller cannot stop: shield
@@ -429,6 +484,12 @@ class SandboxRuntime:
         creating = asyncio.ensure_future(self.backend.start(request))
         try:
             container_id = await asyncio.shield(creating)
+        except ImageNotFound:
+            self._channel.forget(token)
+            boot.discard()
+            self._images.pop(image.name, None)  # removed since: say how to build it again
+            await self.backend.describe_image(image.name)
+            raise
         except BaseException:
             self._channel.forget(token)
             boot.discard()
@@ -438,7 +499,7 @@ class SandboxRuntime:
         for stuck in self._unremoved - self._removing:  # the engine answers again
             self._remove(stuck)
         try:
-            connection = await self._await_hello(container_id, hello, limits, boot)
+            connection = await self._await_hello(container_id, hello, limits, boot, image)
         except BaseException:
             self._channel.forget(token)
             self._remove(container_id)
@@ -467,6 +528,7 @@ class SandboxRuntime:
         hello: asyncio.Future[Connection],
         limits: SandboxLimits,
         boot: BootFile,
+        image: ImageInfo,
     ) -> Connection:
         deadline = time.monotonic() + limits.start_timeout_seconds
         while True:
@@ -482,7 +544,7 @@ class SandboxRuntime:
                 code = None if state is None else state.exit_code
                 raise SandboxStartError(
                     f"the sandbox container exited (code {code}) before its runner connected. "
-                    f"Check that the image {self.image} is a Legion sandbox image "
+                    f"Check that the image {image.name} is a Legion sandbox image "
                     f"(`legion image build`) and that the limits leave room to start "
                     f"(memory_mb={limits.memory_mb}, pids={limits.pids})."
                 )
@@ -508,6 +570,8 @@ class SandboxRuntime:
     async def _start_for_pool(self) -> None:
         try:
             lease = await self._start_container(self.limits)
+            if self.preload:
+                await self._run_preload(lease)
         except Exception as exc:
             self._failures += 1
             self._hand_over(exc)
@@ -526,6 +590,58 @@ class SandboxRuntime:
             self._starting -= 1
             self._refill_wanted.set()
 
+    async def _run_preload(self, lease: Lease) -> None:
+        """Import the preload modules in a warm container, leaving its
+        namespace as it was (the modules stay imported). A failed import is
+        logged once; the container is handed out all the same."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[pb.ExecuteResult] = loop.create_future()
+        exec_id = uuid.uuid4().hex
+
+        def on_message(message: pb.RunnerMessage) -> None:
+            kind = message.WhichOneof("kind")
+            ours = kind == "execute_result" and message.execute_result.exec_id == exec_id
+            if ours and not done.done():
+                done.set_result(message.execute_result)
+
+        def on_closed(reason: str) -> None:
+            if not done.done():
+                done.set_exception(SandboxStartError(f"a warm container ended: {reason}"))
+
+        timeout = self.limits.timeout_seconds
+        lease.connection.attach(on_message, on_closed)
+        try:
+            lease.connection.send(
+                pb.ControllerMessage(
+                    execute=pb.Execute(
+                        exec_id=exec_id,
+                        code=preload_code(self.preload),
+                        timeout_seconds=timeout,
+                        output_limit_bytes=4096,
+                    )
+                )
+            )
+            try:
+                result = await asyncio.wait_for(done, timeout + 5)
+            except TimeoutError:
+                self.release(lease)
+                raise SandboxStartError(
+                    f"importing {', '.join(self.preload)} (preload) took over {timeout:g} s"
+                ) from None
+            except BaseException:
+                self.release(lease)
+                raise
+        finally:
+            lease.connection.attach(None)
+        if result.error.type and not self._preload_warned:
+            self._preload_warned = True
+            log.warning(
+                "sandbox_preload_failed",
+                runtime=self.id[:8],
+                modules=list(self.preload),
+                error=f"{result.error.type}: {result.error.message}",
+            )
+
     def _hand_over(self, outcome: Lease | Exception) -> bool:
         """Give a pool start's outcome to the first acquire waiting for one."""
         while self._waiters:
@@ -538,6 +654,20 @@ class SandboxRuntime:
                 waiter.set_exception(SandboxStartError(str(outcome)))
             return True
         return False
+
+
+def preload_code(modules: Sequence[str]) -> str:
+    """Code that imports ``modules`` and binds no name in the namespace."""
+    return (
+        "import importlib as _legion_importlib\n"
+        "try:\n"
+        f"    for _legion_module in {list(modules)!r}:\n"
+        "        _legion_importlib.import_module(_legion_module)\n"
+        "finally:\n"
+        "    del _legion_importlib\n"
+        "    if '_legion_module' in globals():\n"
+        "        del _legion_module\n"
+    )
 
 
 async def host_sandboxes(

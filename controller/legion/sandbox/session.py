@@ -234,8 +234,12 @@ class Sandbox:
         vault: Mapping[str, Any] | None = None,
         runtime: SandboxRuntime | None = None,
         agent: str | None = None,
+        image: str | None = None,
     ) -> None:
         self.tools: dict[str, ToolDef] = toolset(tools)
+        self.image = image
+        """The environment (``"data"``) or image reference its containers start
+        from; None: the runtime's (``legion image build --recipe data`` builds one)."""
         self._limits = limits
         self._vault = dict(vault or {})
         self._runtime = runtime
@@ -267,7 +271,8 @@ class Sandbox:
         if self._runtime is None:
             self._runtime = await default_runtime()
         if self._lease is None:
-            await self._attach(await self._runtime.acquire(self._limits, agent=self._agent))
+            lease = await self._runtime.acquire(self._limits, agent=self._agent, image=self.image)
+            await self._attach(lease)
         return self
 
     async def _attach(self, lease: Lease) -> None:
