@@ -260,6 +260,14 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--pool-size", type=int, help="warm sandboxes kept ready (default: $LEGION_POOL_SIZE or 2)"
     )
     serve.add_argument(
+        "--image",
+        action="append",
+        metavar="IMAGE|AGENT=IMAGE",
+        help="the environment sandboxes run in (e.g. data, built with `legion image build "
+        "--recipe data`): IMAGE for every agent whose config names none (the warm pool holds "
+        "it), AGENT=IMAGE for one agent; repeatable",
+    )
+    serve.add_argument(
         "--store",
         metavar="PATH",
         default=str(default_store_path()),

@@ -31,9 +31,10 @@ import docker
 import docker.errors
 
 from .config import MiB, SandboxLimits
-from .errors import UsageError
+from .errors import ImageNotFound, UsageError
+from .sandbox import environment, seccomp
 from .sandbox import image as _image
-from .sandbox import seccomp
+from .sandbox.backend import Package
 from .sandbox.endpoint import SOCKET_NAME
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
@@ -105,6 +106,18 @@ def _engine_failure(exc: Exception) -> Check:
     return Check("docker engine", "FAIL", f"{where} ({reason})", fix)
 
 
+def _packages(packages: tuple[Package, ...]) -> str:
+    if not packages:
+        return "the standard library only"
+    return "packages " + ", ".join(f"{p.name} {p.version}" for p in packages)
+
+
+def _command_in(message: str) -> str:
+    """The backquoted command of an ImageNotFound message, else the message."""
+    parts = message.split("`")
+    return f"`{parts[1]}`" if len(parts) >= 3 else message
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
@@ -147,16 +160,40 @@ class _Doctor:
 
     def sandbox_image(self) -> Check:
         try:
-            self.client.images.get(self.image)
-        except docker.errors.ImageNotFound:
-            return Check(
-                "sandbox image",
-                "FAIL",
-                f"{self.image} (the image for this version of the runner) is not built",
-                "`legion image build` (or `make image` in a checkout)",
-            )
+            info = environment.resolve(self.client, self.image)
+        except ImageNotFound as exc:
+            if self.image.startswith(f"{_image.REPOSITORY}:"):
+                return Check(
+                    "sandbox image",
+                    "FAIL",
+                    f"{self.image} (the image for this version of the runner) is not built",
+                    "`legion image build` (or `make image` in a checkout)",
+                )
+            return Check("sandbox image", "FAIL", f"{self.image}: {exc}", _command_in(str(exc)))
         self.image_found = True
-        return Check("sandbox image", "ok", f"{self.image} is built")
+        shown = self.image if info.reference == self.image else f"{self.image} ({info.reference})"
+        return Check("sandbox image", "ok", f"{shown} is built; {_packages(info.packages)}")
+
+    def environments(self) -> Check:
+        """The environment images built on this runner, with their packages."""
+        built = environment.built_environments(self.client)
+        current = [e for e in built if e.current]
+        older = len(built) - len(current)
+        note = f"; {older} built for older runners (never selected)" if older else ""
+        if not current:
+            recipes = ", ".join(f"--recipe {r}" for r in environment.recipes())
+            return Check(
+                "environments",
+                "ok",
+                f"none built for this runner{note}: `legion image build {recipes}` or "
+                "`legion image build --requirements FILE --name NAME` makes one",
+            )
+        shown = [
+            f"{e.name} ({e.tag}): {_packages(e.packages)}"
+            + (f", preloads {', '.join(e.preload)}" if e.preload else "")
+            for e in current
+        ]
+        return Check("environments", "ok", "; ".join(shown) + note)
 
     def gvisor(self) -> Check:
         runtimes = self.info.get("Runtimes") or {}
@@ -431,6 +468,7 @@ async def diagnose(
     engine_checks: list[tuple[str, Callable[[], Check]]] = [
         ("engine version", doctor.version),
         ("sandbox image", doctor.sandbox_image),
+        ("environments", doctor.environments),
         ("gVisor (runsc)", doctor.gvisor),
         ("limits support", doctor.limits),
         ("limits in force", doctor.limits_in_force),

@@ -17,6 +17,7 @@ CHECKS = [
     "docker engine",
     "engine version",
     "sandbox image",
+    "environments",
     "gVisor (runsc)",
     "limits support",
     "limits in force",
@@ -136,3 +137,24 @@ def test_missing_image_fails_and_names_the_build_command(docker_ready: None) -> 
     assert "fix:" in image and "legion image build" in image
     assert status(lines["docker engine"]) == "ok"
     assert status(lines["sandbox start"]) == "skip"
+
+
+def test_doctor_shows_the_packages_of_environments(data_image: str) -> None:
+    code, lines, output = doctor(LEGION_IMAGE="data")
+    assert code == 0, output
+    image = lines["sandbox image"]
+    assert status(image) == "ok" and f"data ({data_image}) is built" in image
+    assert "pandas " in image and "numpy " in image
+    built = lines["environments"]
+    assert f"data ({data_image}): packages " in built
+    assert "preloads numpy, pandas, matplotlib.pyplot" in built
+    # The runner's own image has no packages of its own.
+    _, lines, _ = doctor()
+    assert "is built; the standard library only" in lines["sandbox image"]
+
+
+def test_doctor_says_how_to_build_a_missing_environment(docker_ready: None) -> None:
+    code, lines, output = doctor(LEGION_IMAGE="no-such-env")
+    assert code == 1, output
+    assert status(lines["sandbox image"]) == "FAIL"
+    assert "fix: `legion image build --requirements FILE --name no-such-env`" in output

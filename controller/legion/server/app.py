@@ -74,6 +74,13 @@ class ServerSettings:
     """AgentConfig keys for every run, over the agents' own config."""
     pool_size: int | None = None
     """Warm sandboxes kept ready (None: ``LEGION_POOL_SIZE``, or 2)."""
+    image: str | None = None
+    """The runtime's image (``--image data``): agents whose config names none
+    run there, and the warm pool holds it. None: ``LEGION_IMAGE``, else the
+    runner's own (the standard library only)."""
+    agent_images: Mapping[str, str] = field(default_factory=dict)
+    """Agent name -> its image (``--image Analyst=data``), over the agent's
+    own config. Such sandboxes start cold unless the image is the runtime's."""
     store: Path | None = None
     """SQLite file for long-lived agents' conversations (history and binding
     snapshots survive a restart); None keeps them in memory."""
@@ -225,6 +232,11 @@ class ControllerServer:
         check_listen(self.settings.listen, authenticated=authenticated)
         if self.settings.dashboard is not None:
             check_dashboard(self.settings.dashboard, authenticated=authenticated)
+        if runtime is not None and self.settings.image is not None:
+            raise UsageError(
+                "ServerSettings.image sets the image of the server's own runtime; "
+                "with runtime= given, give that runtime the image instead"
+            )
         self._owns_runtime = runtime is None
         self.runtime = runtime
         self._agents = agents
@@ -243,7 +255,7 @@ class ControllerServer:
         """Start the runtime and serve; returns the address bound."""
         s = self.settings
         if self.runtime is None:
-            self.runtime = SandboxRuntime(pool_size=s.pool_size)
+            self.runtime = SandboxRuntime(pool_size=s.pool_size, image=s.image)
         await self.runtime.start()
         self._store = SQLiteStore(s.store) if s.store is not None else None
         self.service = ControllerService(
@@ -252,6 +264,7 @@ class ControllerServer:
             run_config=s.run_config,
             max_concurrent_runs=s.max_concurrent_runs,
             store=self._store,
+            images=s.agent_images,
         )
         await self.service.start()
         server = grpc.aio.server(

@@ -51,6 +51,7 @@ def serve(args: argparse.Namespace) -> int:
             grace_seconds=args.grace_seconds,
             max_concurrent_runs=args.max_concurrent_runs,
             pool_size=args.pool_size,
+            **images(args.image or []),
             store=None if args.store == "memory" else Path(args.store),
             dashboard=args.dashboard,
         )
@@ -73,6 +74,23 @@ def serve(args: argparse.Namespace) -> int:
         print(f"legion serve: {exc}", file=sys.stderr)
         return USAGE_EXIT
     return 0
+
+
+def images(values: list[str]) -> dict[str, Any]:
+    """``--image`` values as ServerSettings fields: ``IMAGE`` is the runtime's,
+    ``AGENT=IMAGE`` one agent's."""
+    found: dict[str, Any] = {"image": None, "agent_images": {}}
+    for value in values:
+        agent, sep, image = value.rpartition("=")
+        if not image or (sep and not agent):
+            raise UsageError(f"--image takes IMAGE or AGENT=IMAGE, got {value!r}")
+        if sep:
+            found["agent_images"][agent] = image
+        elif found["image"] not in (None, image):
+            raise UsageError(f"two images for every agent: --image {found['image']} and {image}")
+        else:
+            found["image"] = image
+    return found
 
 
 class Progress:

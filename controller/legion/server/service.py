@@ -41,11 +41,12 @@ from .._api_codec import (
     result_message,
     sandbox_message,
 )
+from .._driver import image_packages
 from .._log import get_logger
 from .._proto import controller_pb2 as pb
 from .._proto import controller_pb2_grpc as pb_grpc
 from .._results import RunResult
-from ..agent import Agent, definition_of, prompt_for
+from ..agent import Agent, definition_of
 from ..agent import run as run_agent
 from ..config import MiB, check_config_keys, resolve_agent_config
 from ..errors import (
@@ -56,6 +57,7 @@ from ..errors import (
     SandboxError,
     UsageError,
 )
+from ..prompt import build_system_prompt
 from ..sandbox import SandboxRuntime
 from ..store import ConversationStore, MemoryStore
 from .auth import Principal, current_principal
@@ -158,7 +160,9 @@ def _offer(queue: asyncio.Queue[pb.Event | None], event: pb.Event, owner: Any, w
 # --- what clients see of agents and sandboxes ------------------------------------------
 
 
-def _describe(name: str, agent: type[Agent], run_config: Mapping[str, Any]) -> AgentInfo:
+def _describe(
+    name: str, agent: type[Agent], run_config: Mapping[str, Any], runtime: SandboxRuntime | None
+) -> AgentInfo:
     definition = definition_of(agent)
     tools: list[str] = []
     for tool in definition.tools:
@@ -167,7 +171,9 @@ def _describe(name: str, agent: type[Agent], run_config: Mapping[str, Any]) -> A
         else:
             tools.extend(f"{tool.name}.{fn}" for fn in tool.definition.functions)
     try:
-        prompt = prompt_for(agent, **run_config)
+        config = resolve_agent_config(definition.config, dict(run_config), where=f"{name}.config")
+        packages = image_packages(config, runtime)  # the runtime's image, unless it has one
+        prompt = build_system_prompt(definition, config, packages=packages)
     except LegionError as exc:
         prompt = f"(cannot build the prompt: {exc})"
     return AgentInfo(name, definition.doc, tools, definition.output_json_schema, prompt)
@@ -196,6 +202,9 @@ class ControllerService(pb_grpc.ControllerServicer):
     that do not set their own; ``max_conversations`` the number of long-lived
     agents one principal may have running. ``store`` keeps the long-lived
     agents' conversations (``legion serve`` uses SQLite; default: memory).
+    ``images`` maps agent names to the image (environment) their runs use,
+    over their own config and ``run_config``; others use their config's, or
+    the runtime's.
     """
 
     def __init__(
@@ -208,15 +217,24 @@ class ControllerService(pb_grpc.ControllerServicer):
         max_event_streams: int = 16,
         max_conversations: int = 32,
         store: ConversationStore | None = None,
+        images: Mapping[str, str] | None = None,
     ) -> None:
         self.agents = dict(agents)
         self.runtime = runtime
         self.run_config = dict(run_config or {})
         check_config_keys(self.run_config, "the server's run_config")
+        self.images = dict(images or {})
+        unknown = sorted(set(self.images) - set(self.agents))
+        if unknown:
+            raise UsageError(
+                f"images name agent(s) {unknown} that this server does not offer; "
+                f"it offers: {', '.join(sorted(self.agents))}"
+            )
         self._infos = [
-            agent_message(_describe(name, agent, self.run_config))
+            agent_message(_describe(name, agent, self._config_of(name), runtime))
             for name, agent in sorted(self.agents.items())
         ]
+
         if min(max_concurrent_runs, max_event_streams, max_conversations) < 1:
             raise UsageError(
                 "max_concurrent_runs, max_event_streams and max_conversations must be at least 1"
@@ -234,6 +252,11 @@ class ControllerService(pb_grpc.ControllerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._unsubscribe: Callable[[], None] | None = None
+
+    def _config_of(self, name: str) -> dict[str, Any]:
+        """The server's AgentConfig keys for runs of the agent it calls ``name``."""
+        image = self.images.get(name)
+        return {**self.run_config, "image": image} if image else dict(self.run_config)
 
     # lifecycle ------------------------------------------------------------------
 
@@ -477,7 +500,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "task must be a non-empty string"
             )
-        options = {**self.run_config, **await self._overrides(agent, request.config_json, context)}
+        overrides = await self._overrides(agent, request.config_json, context)
+        options = {**self._config_of(request.agent), **overrides}
         await self._reserve(principal, context)
         log.info("run_requested", principal=principal.name, agent=request.agent)
 
@@ -530,7 +554,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 store=self.store,
                 conversation_id=cid or None,
                 meta={"principal": principal.name, "agent": request.agent, "config": overrides},
-                **{**self.run_config, **overrides},
+                **{**self._config_of(request.agent), **overrides},
             )
         except (UsageError, ConversationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
