@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import docker
+import pytest
 
 import legion
 
@@ -33,3 +34,18 @@ async def cores_used_spinning(sandbox: legion.Sandbox, client: docker.DockerClie
     result = await sandbox.run(SPIN_TWO_PROCESSES)
     assert result.ok, result.error
     return (used() - before) / (time.monotonic() - started)
+
+
+@pytest.fixture(scope="module", params=["runner", "data"], name="runtime")
+def runtime_per_image(
+    request: pytest.FixtureRequest, runtime: legion.SandboxRuntime
+) -> legion.SandboxRuntime:
+    """``runtime`` for a suite that imports this: the shared runtime (the
+    runner's image, the standard library only), then one whose image is the
+    ``data`` environment (numpy, pandas, matplotlib; the same default limits).
+    Each test runs in both: more packages must not mean a weaker sandbox (the
+    same seccomp profile, user, network and read-only root)."""
+    if request.param == "data":
+        data_runtime: legion.SandboxRuntime = request.getfixturevalue("data_runtime")
+        return data_runtime
+    return runtime

@@ -21,6 +21,9 @@ import pytest
 
 import legion
 
+# Every test here runs in the runner's image and in the data environment's.
+from .support import runtime_per_image  # noqa: F401
+
 pytestmark = pytest.mark.docker
 
 PRELUDE = r"""
@@ -298,9 +301,11 @@ CORPUS: list[tuple[str, str, str, Any]] = [
     (
         "leaks",
         "environment_holds_nothing_secret",
+        # The images' own settings (matplotlib's: the runner's backend, and
+        # the data environment's read-only config), none of them secret.
         "sorted(k for k in os.environ if k not in ('PATH', 'HOSTNAME', 'HOME', 'LANG', "
         "'PYTHONPATH', 'PYTHONDONTWRITEBYTECODE', 'PYTHONUNBUFFERED', "
-        "'GRPC_ENABLE_FORK_SUPPORT'))",
+        "'GRPC_ENABLE_FORK_SUPPORT', 'MPLBACKEND', 'MPLCONFIGDIR', 'MATPLOTLIBRC'))",
         [],
     ),
     ("leaks", "runner_token_gone_from_environment", "'LEGION_TOKEN' in os.environ", False),

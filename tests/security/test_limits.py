@@ -28,7 +28,8 @@ import pytest
 
 import legion
 
-from .support import cores_used_spinning
+# runtime_per_image: every test here runs in the runner's image and in the data environment's.
+from .support import cores_used_spinning, runtime_per_image  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
