@@ -4,7 +4,9 @@ Measured in one run on this machine, all with the same snippet
 (`print(1 + 1)`, which must print 2):
 
 - ours: a warm exec in an open `legion.Sandbox`, exec with tool calls, a pool
-  acquire, a cold start to the first result, idle memory;
+  acquire, a cold start to the first result, idle memory; the data
+  environment's cold start and first run with and without preload
+  (bench/environments.py);
 - `docker run --rm --network none <image> python3 -c ...`, the floor of a
   container per execution;
 - the peers (bench/peers.py): llm-sandbox, AutoGen's
@@ -57,7 +59,7 @@ import docker
 
 import legion
 
-from . import peer_setup, remote, scaling
+from . import environments, peer_setup, remote, scaling
 from .common import (
     EXPECTED_STDOUT,
     SNIPPET,
@@ -249,6 +251,10 @@ async def bench_ours(smoke: bool, log: Measures) -> tuple[dict[str, Any], str | 
     measures["rates"] = rates
     await put("pool_acquire", lambda: bench_pool_acquire(3 if smoke else 30))
     await put("cold_start_to_first_result", lambda: bench_cold(2 if smoke else 15))
+    say("the data environment: cold start, first run with and without preload...")
+    found, extra = await environments.measure(smoke, log)
+    measures.update(found)
+    rates.update(extra)
     await put("docker_run_rm_baseline", docker_run)
     await put("import_legion_client", lambda: bench_client_import(3 if smoke else 10))
     return measures, image
