@@ -42,6 +42,10 @@ def test_bench_smoke_writes_results(docker_ready: None, tmp_path: Path) -> None:
         "exec_with_4_sandboxes_running",
         "agent_iteration_1_agent",
         "runsc_exec_with_tool_call",
+        "data_cold_start",
+        "data_first_run_cold",
+        "data_first_run_warm",
+        "data_first_run_preloaded",
     ):
         assert results["measures"][measure]["n"] >= 1, measure
         assert results["measures"][measure]["p50_ms"] > 0, measure
@@ -70,6 +74,7 @@ def test_a_failed_measure_is_reported_and_the_others_still_run(
         "under_gvisor",
         "agent runs",
         "snapshots",
+        "data_image",
     ]
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-peers", "--out", str(tmp_path)],
@@ -94,6 +99,7 @@ def test_a_failed_measure_is_reported_and_the_others_still_run(
         "single-use sandboxes per second",
         "agent runs",
         "snapshots",
+        "data_image",
     }
     assert expected <= set(failures) <= expected | {"under_gvisor"}, failures
     assert failures["warm_exec"] == {
