@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -168,6 +169,40 @@ async def test_a_wheel_directory_builds_and_a_changed_wheel_rebuilds(
     ):
         result = await sandbox.run("import legion_probe_pkg\nlegion_probe_pkg.VERSION")
         assert result.value == "1.1", result.error
+
+
+async def test_a_build_for_another_runner_is_never_selected(
+    wheel_env: str,
+    tmp_path: Path,
+    runtime: legion.SandboxRuntime,
+    docker_client: docker.DockerClient,
+) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "1.0")
+    built = environment.build_environment(requirements=wheels, name=wheel_env)
+    # The same image, labelled as built on a runner this controller is not.
+    command = f"legion image build --requirements {wheels} --name {wheel_env}-old"
+    labels = {
+        environment.LABEL_NAME: f"{wheel_env}-old",
+        environment.LABEL_RUNNER: "legion-sandbox:0000000000000000",
+        environment.LABEL_COMMAND: command,
+    }
+    docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {built}\n".encode()),
+        tag=f"{environment.REPOSITORY_PREFIX}{wheel_env}-old:stale",
+        labels=labels,
+        rm=True,
+    )
+    try:
+        with pytest.raises(legion.ImageNotFound) as stale:
+            await legion.Sandbox(runtime=runtime, image=f"{wheel_env}-old").start()
+        assert "not built for this version of the runner" in str(stale.value)
+        assert f"`{command}`" in str(stale.value)  # the command that built it, again
+        listed = {e.name: e for e in environment.built_environments(docker_client)}
+        assert listed[wheel_env].current and not listed[f"{wheel_env}-old"].current
+    finally:
+        docker_client.images.remove(f"{environment.REPOSITORY_PREFIX}{wheel_env}-old:stale")
 
 
 # --- selecting ----------------------------------------------------------------------------
