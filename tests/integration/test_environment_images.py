@@ -130,7 +130,10 @@ def wheel_env(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 async def test_a_wheel_directory_builds_and_a_changed_wheel_rebuilds(
-    wheel_env: str, tmp_path: Path, runtime: legion.SandboxRuntime
+    wheel_env: str,
+    tmp_path: Path,
+    runtime: legion.SandboxRuntime,
+    docker_client: docker.DockerClient,
 ) -> None:
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -162,6 +165,8 @@ async def test_a_wheel_directory_builds_and_a_changed_wheel_rebuilds(
         requirements=wheels, name=wheel_env, preload=["legion_probe_pkg"], progress=said.append
     )
     assert second != first
+    tags = {e.tag for e in environment.built_environments(docker_client) if e.name == wheel_env}
+    assert tags == {first, second}  # a few builds of a name are kept, not only the newest
     # The name now selects the newest build (a fresh runtime: names are remembered).
     async with (
         legion.SandboxRuntime(pool_size=0) as fresh,

@@ -63,6 +63,11 @@ LABEL_COMMAND = "legion.env.command"
 PRELOAD_DIRECTIVE = "# legion-preload:"
 """A requirements file's line declaring the preload list: ``# legion-preload: numpy pandas``."""
 
+KEEP_BUILDS = 3
+"""Builds of one environment kept on the engine, the newest; older ones go
+after a build. A few, not one: two checkouts of different versions sharing an
+engine would otherwise remove each other's build every time."""
+
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _PROBE_MARKER = "LEGION-ENVIRONMENT-PROBE "
 # pip picks wheels for the image's glibc (Debian bookworm: 2.36), not the host's.
@@ -381,25 +386,21 @@ def _build(client: Any, spec: EnvironmentSpec, runner: str, tag: str, progress: 
         labels = _labels(spec, runner, report)
         _image.docker_build(client, final, tag=tag, base=staged, labels=labels, progress=progress)
     client.images.remove(staged)  # the tag only: the image is the new one's parent
-    _tidy(client, made, spec.name, runner)
+    _tidy(client, made, spec.name)
     _forget(spec.name)
     count = len(json.loads(labels[LABEL_PACKAGES]))
     progress(f"built {tag} ({count} packages) in {time.monotonic() - begun:.0f} s")
 
 
-def _tidy(client: Any, made: list[str], name: str, runner: str) -> None:
-    """Remove what the build left (its install stage, untagged) and the builds
-    of ``name`` on other runners, which no name resolves to any more. An image
-    a container still uses stays."""
+def _tidy(client: Any, made: list[str], name: str) -> None:
+    """Remove what the build left (its install stage, untagged) and the
+    builds of ``name`` older than the newest :data:`KEEP_BUILDS`. An image a
+    container still uses stays."""
     import docker.errors  # noqa: PLC0415
 
     dangling = {str(i["Id"]) for i in client.api.images(filters={"dangling": True})}
     left = [i for i in dangling if any(i.removeprefix("sha256:").startswith(m) for m in made)]
-    superseded = [
-        str(i["Id"])
-        for i in _builds(client, name)
-        if _labels_of_summary(i).get(LABEL_RUNNER) != runner
-    ]
+    superseded = [str(i["Id"]) for i in _builds(client, name)[KEEP_BUILDS:]]
     for image_id in left + superseded:
         # One still in use, or tagged by someone else too, stays.
         with contextlib.suppress(docker.errors.APIError):
