@@ -353,8 +353,9 @@ def build_environment(
     if not force and _image._exists(client, tag):
         progress(f"{tag} is up to date")
         return tag
-    # Two processes building the same tag (test sessions side by side) take turns.
-    lock = Path(tempfile.gettempdir()) / f"{tag.replace(':', '-')}.build-lock"
+    # Builds on one machine take turns (test sessions side by side build the
+    # same tag): one lock file for all, so none is left behind per tag.
+    lock = Path(tempfile.gettempdir()) / "legion-env-build.lock"
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         if not force and _image._exists(client, tag):
