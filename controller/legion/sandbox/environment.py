@@ -356,11 +356,16 @@ def build_environment(
     # Builds on one machine take turns (test sessions side by side build the
     # same tag): one lock file for all, so none is left behind per tag.
     lock = Path(tempfile.gettempdir()) / "legion-env-build.lock"
-    with lock.open("a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        if not force and _image._exists(client, tag):
-            progress(f"{tag} is up to date (another process built it)")
-            return tag
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(lock.open("a"))
+        except OSError:  # another user's lock file: build without taking turns
+            pass
+        else:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if not force and _image._exists(client, tag):
+                progress(f"{tag} is up to date (another process built it)")
+                return tag
         _build(client, spec, runner, tag, progress)
     return tag
 
