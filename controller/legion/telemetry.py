@@ -23,8 +23,9 @@ to :data:`EXCERPT_CHARS` characters (with a marker saying how much was cut):
 message) and, on ``stop``, the model's ``reply``; ``sandbox.eval.stop`` the
 code's ``stdout``, ``stderr`` and ``value`` (JSON, or the repr); ``tool.call``
 the ``call_id``, the ``args`` and ``kwargs`` as the sandbox sent them (JSON)
-and, on ``stop``, the ``result`` (JSON, or the repr). These are what the
-sandbox and the model saw; the vault never is.
+and, on ``stop``, the ``result`` (JSON, or the repr); ``sandbox.output`` what
+running code prints, as it prints it. These are what the sandbox and the model
+saw; the vault never is.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ SANDBOX_EVAL = "sandbox.eval"
 TOOL_CALL = "tool.call"
 """A tool call from sandbox code: ``tool``, ``function``, ``call_id``, ``args``,
 ``kwargs``; on stop ``result`` or ``error``."""
+
+SANDBOX_OUTPUT = "sandbox.output"
+"""Output of code that is still running, as it arrives (only while someone is
+subscribed): ``stream`` (``"stdout"`` or ``"stderr"``) and ``text``, one chunk
+cut to :data:`EXCERPT_CHARS`. A ``sandbox.eval``'s chunks come before its stop
+event and, uncut, add up to the ``stdout`` and ``stderr`` its result keeps."""
 
 
 def _span_events(span: str) -> tuple[str, str, str]:
@@ -108,6 +115,7 @@ EVENTS: tuple[str, ...] = (
     SANDBOX_EVAL_START,
     SANDBOX_EVAL_STOP,
     SANDBOX_EVAL_EXCEPTION,
+    SANDBOX_OUTPUT,
     TOOL_CALL_START,
     TOOL_CALL_STOP,
     TOOL_CALL_EXCEPTION,

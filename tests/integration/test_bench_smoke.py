@@ -42,6 +42,7 @@ def test_bench_smoke_writes_results(docker_ready: None, tmp_path: Path) -> None:
         "exec_with_4_sandboxes_running",
         "agent_iteration_1_agent",
         "runsc_exec_with_tool_call",
+        "live_output_delay",
         "data_cold_start",
         "data_first_run_cold",
         "data_first_run_warm",
