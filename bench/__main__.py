@@ -4,7 +4,8 @@ Measured in one run on this machine, all with the same snippet
 (`print(1 + 1)`, which must print 2):
 
 - ours: a warm exec in an open `legion.Sandbox`, exec with tool calls, a pool
-  acquire, a cold start to the first result, idle memory; the data
+  acquire, a cold start to the first result, idle memory, the delay from a
+  print to its line on the host (bench/live_output.py); the data
   environment's cold start and first run with and without preload
   (bench/environments.py);
 - `docker run --rm --network none <image> python3 -c ...`, the floor of a
@@ -59,7 +60,7 @@ import docker
 
 import legion
 
-from . import environments, peer_setup, remote, scaling
+from . import environments, files, live_output, peer_setup, remote, scaling
 from .common import (
     EXPECTED_STDOUT,
     SNIPPET,
@@ -234,6 +235,8 @@ async def bench_ours(smoke: bool, log: Measures) -> tuple[dict[str, Any], str | 
             image = runtime.image
             warm = await log.run("warm sandbox", lambda: bench_warm(runtime, n, log))
             measures.update(warm or {})
+            measures.update(await live_output.measure(runtime, smoke, log))
+            rates.update(await files.measure(runtime, smoke, log))
             scaled, found = await scaling.measure(runtime, smoke, log)
             rates.update(found)
             say("the controller API, long-lived turns and snapshots...")

@@ -30,6 +30,7 @@ from .client import Client, SyncClient
 from .config import AgentConfig, SandboxLimits
 from .errors import (
     BackendError,
+    BackendUnavailable,
     ConversationError,
     DockerUnavailable,
     HumanRequestNotFound,
@@ -46,6 +47,7 @@ from .errors import (
     SandboxClosed,
     SandboxCrashed,
     SandboxError,
+    SandboxFileError,
     SandboxOOMKilled,
     SandboxStartError,
     Unauthenticated,
@@ -57,8 +59,10 @@ from .human import Human
 from .live import AgentHandle, AgentPool, pool, start
 from .models import Usage
 from .sandbox import (
+    Artifact,
     ExecError,
     ExecResult,
+    FileInfo,
     ResourceStats,
     Sandbox,
     SandboxRuntime,
@@ -73,12 +77,15 @@ __all__ = [
     "AgentConfig",
     "AgentHandle",
     "AgentPool",
+    "Artifact",
     "BackendError",
+    "BackendUnavailable",
     "Client",
     "ConversationError",
     "DockerUnavailable",
     "ExecError",
     "ExecResult",
+    "FileInfo",
     "Human",
     "HumanRequestNotFound",
     "ImageNotFound",
@@ -97,6 +104,7 @@ __all__ = [
     "SandboxClosed",
     "SandboxCrashed",
     "SandboxError",
+    "SandboxFileError",
     "SandboxLimits",
     "SandboxOOMKilled",
     "SandboxRuntime",

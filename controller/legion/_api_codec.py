@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,8 @@ __all__ = [
     "data_json",
     "error_message",
     "event_message",
+    "file_messages",
+    "files_of",
     "remote_event",
     "result_message",
     "run_error",
@@ -225,6 +227,19 @@ def usage_of(message: pb.Usage) -> Usage:
 # --- RunResult --------------------------------------------------------------------------------
 
 
+def file_messages(files: Mapping[str, bytes | str] | None) -> list[pb.FileData]:
+    """Files (name -> bytes, or str as UTF-8) as FileData messages."""
+    return [
+        pb.FileData(name=name, data=data.encode("utf-8") if isinstance(data, str) else data)
+        for name, data in (files or {}).items()
+    ]
+
+
+def files_of(messages: Iterable[pb.FileData]) -> dict[str, bytes]:
+    """FileData messages as name -> bytes (a later name wins)."""
+    return {message.name: bytes(message.data) for message in messages}
+
+
 def result_message(result: RunResult) -> pb.RunResult:
     return pb.RunResult(
         run_id=result.run_id,
@@ -232,6 +247,8 @@ def result_message(result: RunResult) -> pb.RunResult:
         iterations=result.iterations,
         usage=usage_message(result.usage),
         messages_json=to_json(result.messages),
+        files=file_messages(result.files),
+        files_note=result.files_note,
     )
 
 
@@ -243,6 +260,8 @@ def run_result(message: pb.RunResult) -> RunResult:
         usage=usage_of(message.usage),
         run_id=message.run_id,
         messages=_loads(message.messages_json, []),
+        files=files_of(message.files),
+        files_note=message.files_note,
     )
 
 

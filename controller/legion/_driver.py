@@ -19,6 +19,7 @@ from . import human, telemetry
 from ._ctx import bound
 from ._loop import CallModel, CodeOutcome, Finish, RunCode, Step, StepMachine, Stop
 from ._results import RunResult, Usage
+from ._run_files import InputFiles, check_input, collect_output, describe_input, put_input
 from .config import AgentConfig, resolve_agent_config
 from .errors import MaxIterationsReached, MaxRetriesReached, RunError, SandboxCrashed
 from .models import LiteLLMModel, Model, model_override
@@ -75,7 +76,18 @@ def _outcome(result: ExecResult) -> CodeOutcome:
         error_type=error.type if error else "",
         error_message=error.message if error else "",
         traceback=error.traceback if error else "",
+        artifacts=_artifact_lines(result),
     )
+
+
+def _artifact_lines(result: ExecResult) -> tuple[str, ...]:
+    lines = [artifact.summary() for artifact in result.artifacts]
+    if result.artifacts_dropped:
+        lines.append(
+            f"[{result.artifacts_dropped} more figure(s) or image(s) not kept: over the "
+            "bound per step; show fewer, or save them under out/]"
+        )
+    return tuple(lines)
 
 
 def _crash_outcome(exc: SandboxCrashed) -> CodeOutcome:
@@ -126,8 +138,10 @@ class RunDriver:
         runtime: SandboxRuntime | None,
         history: Sequence[Mapping[str, str]] = (),
         borrow: Callable[[], Awaitable[Sandbox]] | None = None,
+        files: InputFiles | None = None,
     ) -> None:
         self.definition = definition
+        self.files = check_input(files)
         self.config = config
         self.task = task
         self.llm = llm
@@ -143,7 +157,7 @@ class RunDriver:
             system_prompt=build_system_prompt(
                 definition, config, packages=image_packages(config, runtime)
             ),
-            task=task,
+            task=task + describe_input(self.files),
             max_iterations=config.max_iterations,
             max_retries=config.max_retries,
             max_message_length=config.max_message_length,
@@ -160,6 +174,8 @@ class RunDriver:
             telemetry.span(telemetry.RUN, agent=name, task=self.task) as run_stop,
         ):
             try:
+                if self.files:  # there before the model's first step
+                    await put_input(await self._sandbox_now(), self.files)
                 step: Step = self.machine.start()
                 while not isinstance(step, (Finish, Stop)):
                     if isinstance(step, CallModel):
@@ -171,12 +187,18 @@ class RunDriver:
                 run_stop.update(iterations=self.machine.iterations, usage=self.usage)
                 if telemetry.active():
                     run_stop["output"] = _output_excerpt(step.output)
+                files: dict[str, bytes] = {}
+                note = ""
+                if self.sandbox is not None:
+                    files, note = await collect_output(self.sandbox)
                 return RunResult(
                     step.output,
                     self.machine.iterations,
                     self.usage,
                     self.run_id,
                     self.machine.messages,
+                    files=files,
+                    files_note=note,
                 )
             except RunError as exc:
                 if not exc.run_id:  # a ModelError from the model layer: attach the history
@@ -200,18 +222,22 @@ class RunDriver:
         self.usage += reply.usage
         return self.machine.on_model_reply(reply.content)
 
-    async def _run_code(self, step: RunCode) -> Step:
+    async def _sandbox_now(self) -> Sandbox:
         if self.sandbox is None:
             self.sandbox = (
                 await self._borrow()
                 if self._borrow is not None
                 else await new_sandbox(self.definition, self.config, self.vault, self.runtime)
             )
+        return self.sandbox
+
+    async def _run_code(self, step: RunCode) -> Step:
+        sandbox = await self._sandbox_now()
         with telemetry.span(
             telemetry.ITERATION, index=self.machine.iterations + 1, complete=step.complete
         ):
             try:
-                result = await self.sandbox.run(
+                result = await sandbox.run(
                     step.code,
                     timeout=self.config.sandbox_timeout,
                     reset=self.config.binding_scope == "iteration",

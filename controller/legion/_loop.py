@@ -92,6 +92,9 @@ class CodeOutcome:
     error_type: str = ""
     error_message: str = ""
     traceback: str = ""
+    artifacts: tuple[str, ...] = ()
+    """One line per figure or image the code showed: the model sees the
+    line, never the bytes."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,9 @@ class StepMachine:
             parts.append(f"\nstdout:\n{outcome.stdout}")
         if outcome.stderr:
             parts.append(f"\nstderr:\n{outcome.stderr}")
+        if outcome.artifacts:
+            shown = "\n".join(outcome.artifacts)
+            parts.append(f"\nShown to the user (you get this description, not the image):\n{shown}")
         return "".join(parts)
 
     def _describe_error(self, outcome: CodeOutcome) -> str:

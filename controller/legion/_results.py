@@ -49,3 +49,8 @@ class RunResult:
     run_id: str
     messages: list[dict[str, str]] = field(repr=False)
     """The whole conversation with the model, system prompt first."""
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """Files the code left in ``/data/out`` (name below ``out/`` -> bytes),
+    at most 64 files and 32 MiB together."""
+    files_note: str = ""
+    """What of ``/data/out`` was not returned, and why ("" when nothing)."""

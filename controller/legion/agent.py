@@ -256,9 +256,15 @@ async def run(
     model: Model | str | None = None,
     runtime: SandboxRuntime | None = None,
     parent_run_id: str | None = None,
+    files: Mapping[str, bytes | str] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Run ``agent`` on ``task`` until it answers.
+
+    ``files`` (name -> bytes, or str as UTF-8) are put in the sandbox's work
+    directory ``/data`` before the first step, and the model is told their
+    names and sizes. What the code leaves in ``/data/out`` comes back as
+    :attr:`RunResult.files`.
 
     ``overrides`` are :class:`legion.AgentConfig` keys for this call only.
     ``model`` is a litellm model string (the ``model`` config key), or a model
@@ -276,7 +282,7 @@ async def run(
             "binding_scope='conversation' keeps variables across the calls of a "
             "long-lived agent (legion.start); a single run uses 'turn' (default) or 'iteration'"
         )
-    driver = RunDriver(definition, config, task, llm=llm, vault=vault, runtime=runtime)
+    driver = RunDriver(definition, config, task, llm=llm, vault=vault, runtime=runtime, files=files)
     with telemetry.run_context(driver.run_id, parent_run_id):
         return await driver.drive()
 

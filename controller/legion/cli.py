@@ -291,6 +291,18 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
     run.add_argument(
         "--config", metavar="JSON", help='AgentConfig keys as a JSON object: {"max_iterations": 3}'
     )
+    run.add_argument(
+        "--file",
+        metavar="[NAME=]PATH",
+        action="append",
+        default=[],
+        help="put a file in the run's work directory /data (as NAME, or its own name); repeat",
+    )
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the files the run left in /data/out into DIR (made if missing)",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     run.set_defaults(func=_run)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,6 +42,7 @@ from ._api_codec import (
     agent_info,
     answer_json,
     config_json,
+    file_messages,
     remote_event,
     run_error,
     run_result,
@@ -206,13 +207,24 @@ class Client:
         return str(response.principal)
 
     async def run(
-        self, agent: str, task: str, *, on_event: EventHandler | None = None, **config: Any
+        self,
+        agent: str,
+        task: str,
+        *,
+        on_event: EventHandler | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        **config: Any,
     ) -> RunResult:
         """Run the server's agent named ``agent`` on ``task``; ``config`` holds
         AgentConfig keys for this run (those a client may set, e.g.
         ``max_iterations``). ``on_event`` (sync or async) receives each of the
-        run's events as it happens. Cancelling this call cancels the run."""
-        request = pb.RunRequest(agent=agent, task=task, config_json=config_json(config))
+        run's events as it happens. ``files`` go into the run's work
+        directory, as with :func:`legion.run`; what the code leaves in
+        ``/data/out`` is :attr:`RunResult.files`. Cancelling this call cancels
+        the run."""
+        request = pb.RunRequest(
+            agent=agent, task=task, config_json=config_json(config), files=file_messages(files)
+        )
         return await self._updates(self.stub.Run(request, metadata=self._metadata), on_event)
 
     async def _updates(self, call: Any, on_event: EventHandler | None) -> RunResult:
@@ -246,16 +258,31 @@ class Client:
         return str(response.conversation_id)
 
     async def call(
-        self, conversation_id: str, message: str, *, on_event: EventHandler | None = None
+        self,
+        conversation_id: str,
+        message: str,
+        *,
+        on_event: EventHandler | None = None,
+        files: Mapping[str, bytes | str] | None = None,
     ) -> RunResult:
         """One turn of a long-lived agent; returns its result."""
-        request = pb.CallRequest(conversation_id=conversation_id, message=message)
+        request = pb.CallRequest(
+            conversation_id=conversation_id, message=message, files=file_messages(files)
+        )
         return await self._updates(self.stub.Call(request, metadata=self._metadata), on_event)
 
-    async def cast(self, conversation_id: str, message: str) -> str:
+    async def cast(
+        self,
+        conversation_id: str,
+        message: str,
+        *,
+        files: Mapping[str, bytes | str] | None = None,
+    ) -> str:
         """Queue a turn and return its turn id at once; its outcome arrives on
         :meth:`events` as ``turn.result`` or ``turn.error``."""
-        request = pb.CastRequest(conversation_id=conversation_id, message=message)
+        request = pb.CastRequest(
+            conversation_id=conversation_id, message=message, files=file_messages(files)
+        )
         return str((await self._unary("Cast", request)).turn_id)
 
     async def stop(self, conversation_id: str) -> None:
@@ -387,20 +414,37 @@ class SyncClient:
         return self._runner.run(self.client.principal())
 
     def run(
-        self, agent: str, task: str, *, on_event: EventHandler | None = None, **config: Any
+        self,
+        agent: str,
+        task: str,
+        *,
+        on_event: EventHandler | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        **config: Any,
     ) -> RunResult:
-        return self._runner.run(self.client.run(agent, task, on_event=on_event, **config))
+        return self._runner.run(
+            self.client.run(agent, task, on_event=on_event, files=files, **config)
+        )
 
     def start(self, agent: str, *, conversation_id: str = "", **config: Any) -> str:
         return self._runner.run(self.client.start(agent, conversation_id=conversation_id, **config))
 
     def call(
-        self, conversation_id: str, message: str, *, on_event: EventHandler | None = None
+        self,
+        conversation_id: str,
+        message: str,
+        *,
+        on_event: EventHandler | None = None,
+        files: Mapping[str, bytes | str] | None = None,
     ) -> RunResult:
-        return self._runner.run(self.client.call(conversation_id, message, on_event=on_event))
+        return self._runner.run(
+            self.client.call(conversation_id, message, on_event=on_event, files=files)
+        )
 
-    def cast(self, conversation_id: str, message: str) -> str:
-        return self._runner.run(self.client.cast(conversation_id, message))
+    def cast(
+        self, conversation_id: str, message: str, *, files: Mapping[str, bytes | str] | None = None
+    ) -> str:
+        return self._runner.run(self.client.cast(conversation_id, message, files=files))
 
     def stop(self, conversation_id: str) -> None:
         self._runner.run(self.client.stop(conversation_id))

@@ -22,6 +22,7 @@ _UNITS = {
     "timeout_seconds": "seconds",
     "kill_grace_seconds": "seconds",
     "tmpfs_mb": "MiB",
+    "files_mb": "MiB",
     "shm_mb": "MiB",
     "output_limit_bytes": "bytes",
     "max_message_bytes": "bytes",
@@ -65,6 +66,10 @@ class SandboxLimits:
     set this to allow them."""
     tmpfs_mb: int = 64
     """Size of the writable, no-exec ``/tmp``. The root filesystem is read-only."""
+    files_mb: int = 64
+    """Size of the work directory ``/data`` (the current directory, no-exec),
+    where ``sandbox.files`` reads and writes and code leaves files for the
+    caller in ``/data/out``. Like ``/tmp`` it counts against ``memory_mb``."""
     shm_mb: int = 1
     """Size of ``/dev/shm``."""
     output_limit_bytes: int = 1 * MiB
@@ -78,8 +83,9 @@ class SandboxLimits:
     ``Sandbox.restore``. Sent in pieces, so it may exceed ``max_message_bytes``."""
     nofile: int = 256
     """Open file descriptors per process (RLIMIT_NOFILE)."""
-    fsize_mb: int = 16
-    """Largest file a process may write (RLIMIT_FSIZE)."""
+    fsize_mb: int = 64
+    """Largest file a process may write (RLIMIT_FSIZE), the runner's file
+    transfers included: the default matches ``files_mb``."""
     user: str = "65534:65534"
     """uid:gid the code runs as. Never root."""
     runtime: str | None = None
@@ -113,6 +119,7 @@ class SandboxLimits:
             "pids",
             "timeout_seconds",
             "tmpfs_mb",
+            "files_mb",
             "shm_mb",
             "output_limit_bytes",
             "max_message_bytes",
@@ -190,11 +197,11 @@ class SandboxLimits:
                 f"memory_mb={self.memory_mb} MiB leaves little room: Python and the runner "
                 "use about 20 MiB before any code runs"
             )
-        if self.tmpfs_mb + self.shm_mb > self.memory_mb:
+        if self.tmpfs_mb + self.files_mb + self.shm_mb > self.memory_mb:
             found.append(
-                f"tmpfs_mb={self.tmpfs_mb} + shm_mb={self.shm_mb} is more than memory_mb="
-                f"{self.memory_mb}: files in /tmp and /dev/shm count against the memory "
-                "cap, so the sandbox is OOM-killed before /tmp is full"
+                f"tmpfs_mb={self.tmpfs_mb} + files_mb={self.files_mb} + shm_mb={self.shm_mb} "
+                f"is more than memory_mb={self.memory_mb}: files in /tmp, /data and /dev/shm "
+                "count against the memory cap, so the sandbox is OOM-killed before they are full"
             )
         if self.tool_timeout_seconds > self.timeout_seconds:
             found.append(

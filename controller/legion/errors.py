@@ -25,6 +25,7 @@ The tree::
         ├── SandboxStartError    a container did not become ready (no Hello in time, or exited)
         ├── SandboxClosed        the Sandbox was used after it was closed
         ├── SnapshotError        a snapshot or restore failed: timed out, not a snapshot, too large
+        ├── SandboxFileError     a file could not be written, read, listed or removed
         └── SandboxCrashed       the container died while running code; bindings are lost
             └── SandboxOOMKilled the kernel killed it at its memory limit
 
@@ -93,6 +94,19 @@ class SnapshotError(SandboxError):
     larger than ``SandboxLimits.max_snapshot_bytes``. Values that could not
     be saved or loaded one by one are not errors: they are listed in
     ``Snapshot.skipped`` and ``Restored.failed``."""
+
+
+class SandboxFileError(SandboxError):
+    """A file operation in the sandbox's work directory failed. ``kind`` says
+    why, in one word: ``bad_path`` (outside the work directory), ``not_found``,
+    ``too_large``, ``no_space`` (over ``files_mb``), ``symlink`` (links are
+    never followed), ``not_a_file``, ``not_a_dir``, ``exists``, ``denied``,
+    ``failed``. The sandbox goes on working."""
+
+    def __init__(self, message: str, *, kind: str = "failed", path: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
 
 
 class SandboxCrashed(SandboxError):

@@ -64,6 +64,7 @@ class _Turn:
     """The caller's context when the turn was sent: the turn runs in it (so
     its telemetry, human handler and models are the caller's)."""
     task: asyncio.Task[RunResult] | None = field(default=None, repr=False)
+    files: Mapping[str, bytes | str] | None = field(default=None, repr=False)
 
 
 async def start(
@@ -184,8 +185,9 @@ class AgentHandle:
         """The container kept for ``conversation`` scope, if one is up."""
         return self._sandbox.container_id if self._sandbox is not None else None
 
-    def cast(self, message: str) -> str:
-        """Queue a turn; returns its id at once. Its result comes from
+    def cast(self, message: str, *, files: Mapping[str, bytes | str] | None = None) -> str:
+        """Queue a turn; returns its id at once. ``files`` go into the work
+        directory before the turn's first step, as with :func:`legion.run`. Its result comes from
         :meth:`result_of` and as a ``turn.result`` (or ``turn.error``) event.
         The turn runs in a copy of the caller's context (like a task), so
         ``legion.human.handler`` or ``use_models`` around the call apply."""
@@ -198,6 +200,7 @@ class AgentHandle:
             message,
             asyncio.get_running_loop().create_future(),
             contextvars.copy_context(),
+            files=files,
         )
         # Nobody may ever await a cast's result: keep an unretrieved error quiet.
         turn.result.add_done_callback(_retrieve)
@@ -211,10 +214,12 @@ class AgentHandle:
         self._queue.put_nowait(turn)
         return turn.id
 
-    async def call(self, message: str) -> RunResult:
+    async def call(
+        self, message: str, *, files: Mapping[str, bytes | str] | None = None
+    ) -> RunResult:
         """Run a turn after those already queued; return its result.
         Cancelling the call cancels the turn."""
-        turn_id = self.cast(message)
+        turn_id = self.cast(message, files=files)
         try:
             return await self.result_of(turn_id)
         except asyncio.CancelledError:
@@ -317,6 +322,7 @@ class AgentHandle:
             runtime=self._runtime,
             history=self._record.messages,
             borrow=self._borrow if keeps_bindings else None,
+            files=turn.files,
         )
         with (
             telemetry.run_context(driver.run_id, None),
@@ -381,7 +387,8 @@ class AgentHandle:
         if self._sandbox is None or self._sandbox.container_id is None:
             return  # no container (a cancelled or crashed turn lost it): nothing to keep
         try:
-            snap = await self._sandbox.snapshot()
+            # The work directory too: a conversation's files outlive its container.
+            snap = await self._sandbox.snapshot(include_files=True)
         except SandboxError as exc:
             log.warning("snapshot_failed", conversation_id=self.id, error=str(exc))
             return
@@ -455,14 +462,16 @@ class AgentPool:
     def _least_busy(self) -> AgentHandle:
         return min(self.members, key=lambda m: m.busy)
 
-    def cast(self, message: str) -> str:
+    def cast(self, message: str, *, files: Mapping[str, bytes | str] | None = None) -> str:
         member = self._least_busy()
-        turn_id = member.cast(message)
+        turn_id = member.cast(message, files=files)
         self._where[turn_id] = member
         return turn_id
 
-    async def call(self, message: str) -> RunResult:
-        return await self._least_busy().call(message)
+    async def call(
+        self, message: str, *, files: Mapping[str, bytes | str] | None = None
+    ) -> RunResult:
+        return await self._least_busy().call(message, files=files)
 
     async def result_of(self, turn_id: str) -> RunResult:
         member = self._where.get(turn_id)

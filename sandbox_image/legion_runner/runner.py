@@ -36,6 +36,8 @@ from typing import Any
 
 import grpc
 
+from . import artifacts as _artifacts
+from . import files as _files
 from . import snapshot as _snapshot
 from ._proto import sandbox_pb2 as pb
 from ._proto import sandbox_pb2_grpc as pb_grpc
@@ -182,6 +184,10 @@ class _Capture:
         self._buf: list[bytes] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
+        # Output held back (written within the interval of the last flush)
+        # goes when the interval is up, even if the code writes nothing more.
+        self._held = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
         self.exec_id = ""
         self.limit = 0
         self.kept = 0
@@ -224,7 +230,31 @@ class _Capture:
             now = time.monotonic()
             if self._buffered >= _OUTPUT_CHUNK or now - self._last_flush >= _OUTPUT_FLUSH_SECONDS:
                 self._flush_locked()
+            else:
+                self._wake_flusher()
         return len(text)
+
+    def _wake_flusher(self) -> None:
+        if self._flusher is None:
+            flusher = threading.Thread(target=self._flush_held, name="legion-output", daemon=True)
+            try:
+                flusher.start()
+            except RuntimeError:
+                return  # no thread to be had (pids limit): held output goes at the next write
+            self._flusher = flusher
+        self._held.notify()
+
+    def _flush_held(self) -> None:
+        with self._lock:
+            while True:
+                if not self._buffered:
+                    self._held.wait()
+                    continue
+                wait = self._last_flush + _OUTPUT_FLUSH_SECONDS - time.monotonic()
+                if wait > 0:
+                    self._held.wait(wait)
+                    continue
+                self._flush_locked()
 
     def flush(self) -> None:
         with self._lock:
@@ -352,6 +382,10 @@ class Runner:
         self._cell = 0
         self.stdout = _Capture(self, pb.STREAM_STDOUT)
         self.stderr = _Capture(self, pb.STREAM_STDERR)
+        budget = min(1024 * 1024, max_message - _ENVELOPE)
+        self._work_dir = _files.WorkDir(
+            lambda reply: self.send(pb.RunnerMessage(file_reply=reply)), budget
+        )
         self._reset_namespace()
 
     # outgoing ------------------------------------------------------------
@@ -394,7 +428,7 @@ class Runner:
                     self._resolve(message.tool_result)
                 elif kind == "cancel":
                     self._cancel(message.cancel.exec_id)
-                elif kind in ("execute", "define_tools", "snapshot"):
+                elif kind in ("execute", "define_tools", "snapshot", "file_request"):
                     self._work.put(message)
                 elif kind == "restore":
                     self._receive_restore(message.restore)
@@ -437,6 +471,8 @@ class Runner:
                     self._snapshot(message.snapshot)
                 elif kind == "restore":
                     self._restore(message.restore)
+                elif kind == "file_request":
+                    self._work_dir.handle(message.file_request)
                 else:
                     self._execute(message.execute)
             except ExecutionCancelled:
@@ -485,12 +521,14 @@ class Runner:
         self.stderr.start(request.exec_id, limit)
         result = pb.ExecuteResult(exec_id=request.exec_id)
         before = resource.getrusage(resource.RUSAGE_SELF)
+        _artifacts.current.begin(self._max_message - _ENVELOPE)
         with self._lock:
             self._current_exec = request.exec_id
         try:
             try:
                 has_value, value = self._run_code(request.code)
-                if has_value:
+                # A figure or an image comes back as a picture, not its repr.
+                if has_value and not _artifacts.add_value(value):
                     result.value.CopyFrom(self._encode_result(value))
                     result.has_value = True
             except ExecutionCancelled:
@@ -522,6 +560,12 @@ class Runner:
         result.stats.max_rss_bytes = after.ru_maxrss * 1024
         result.stdout_dropped_bytes = self.stdout.finish()
         result.stderr_dropped_bytes = self.stderr.finish()
+        shown, result.artifacts_dropped = _artifacts.current.finish()
+        for mime_type, data, description in shown:
+            artifact = pb.Artifact(
+                exec_id=request.exec_id, mime_type=mime_type, data=data, description=description
+            )
+            self.send(pb.RunnerMessage(artifact=artifact))
         self.send(pb.RunnerMessage(execute_result=result))
 
     def _run_code(self, code: str) -> tuple[bool, Any]:
@@ -561,6 +605,7 @@ class Runner:
                 max_bytes=max(0, request.max_bytes),
                 exclude={**_CATEGORIES, **self._tools},
                 refs={**self._error_refs(), **self._tool_refs},
+                work_dir=_files.WORK_DIR if request.include_files else None,
             )
         except BaseException as exc:  # sandbox code may have patched anything
             saved = _snapshot.Saved(blob=b"")
@@ -585,7 +630,12 @@ class Runner:
 
     def _restore(self, request: pb.Restore) -> None:
         try:
-            loaded = _snapshot.load(request.chunk, self._namespace, resolve=self._resolve_ref)
+            loaded = _snapshot.load(
+                request.chunk,
+                self._namespace,
+                resolve=self._resolve_ref,
+                work_dir=_files.WORK_DIR,
+            )
         except _snapshot.SnapshotFormatError as exc:
             loaded, error = _snapshot.Loaded(), str(exc)
         except BaseException as exc:
@@ -775,6 +825,9 @@ def main() -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"legion_runner: cannot read the boot file: {exc!r}", file=sys.__stderr__)
         sys.exit(2)
+    # Figures shown by sandbox code come back as pictures (legion_runner.mpl_backend).
+    os.environ.setdefault("MPLBACKEND", "module://legion_runner.mpl_backend")
+    _files.WorkDir.prepare()
     runner = Runner(address, token, max_message=max_message)
     del token
     sys.stdout = runner.stdout

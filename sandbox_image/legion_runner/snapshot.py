@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import pickle
+import stat
 import struct
 import sys
+import tarfile
 import types
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +40,8 @@ MAX_NAME = 200
 MAX_REASON = 300
 # The module name sandbox code runs under (the namespace's __name__).
 SANDBOX_MODULE = "__main__"
+WORK_DIR_RECORD = "/data"
+"""The record that holds the work directory (a gzipped tar), when asked for."""
 
 Reference = tuple[str, ...]
 
@@ -214,13 +219,15 @@ def save(
     max_bytes: int,
     exclude: Mapping[str, Any] | None = None,
     refs: Mapping[int, Reference] | None = None,
+    work_dir: str | None = None,
 ) -> Saved:
     """Pickle ``namespace`` entry by entry into a blob of at most ``max_bytes``.
 
     Dunder names are left out, and so is a name bound to the very object
     ``exclude`` has for it (what the runner puts there itself: tool stubs,
     error classes). ``refs`` maps ``id(obj)`` to a reference the loading
-    runner resolves (a tool used under another name). When the entries do not
+    runner resolves (a tool used under another name). With ``work_dir``, the
+    files below it are one more entry (``/data``). When the entries do not
     fit, the largest are dropped first, each with a "too large" reason.
     """
     exclude = exclude or {}
@@ -250,22 +257,54 @@ def save(
             skipped[key] = clean(f"cannot be saved: {type(exc).__name__}: {exc}", MAX_REASON)
             continue
         kept[key] = data
-        total += _entry_size(key, data)
-        # Dropping the largest as soon as the total is over gives the same
-        # result as dropping largest-first at the end, holding less meanwhile.
-        while total > budget:
-            largest = max(kept, key=lambda k: len(kept[k]))
-            size = _entry_size(largest, kept.pop(largest))
-            total -= size
-            skipped[largest] = clean(
-                f"too large: {size_text(size)} (limit {_limit_text(max_bytes)} for the "
-                "whole snapshot)",
-                MAX_REASON,
-            )
+        total = _keep_within(kept, total + _entry_size(key, data), budget, skipped, max_bytes)
+    if work_dir is not None:
+        _save_work_dir(
+            work_dir, kept, total=total, budget=budget, skipped=skipped, max_bytes=max_bytes
+        )
     # Reasons stay in namespace order, whenever they were found.
     order = {k: i for i, k in enumerate(k for k in namespace if isinstance(k, str))}
     skipped = dict(sorted(skipped.items(), key=lambda kv: order.get(kv[0], len(order))))
     return Saved(blob=pack(kept), names=list(kept), skipped=skipped)
+
+
+def _keep_within(
+    kept: dict[str, bytes], total: int, budget: int, skipped: dict[str, str], max_bytes: int
+) -> int:
+    """Drop the largest entries until ``total`` fits ``budget``; the new total.
+    Dropping as soon as the total is over gives the same result as dropping
+    largest-first at the end, holding less meanwhile."""
+    while total > budget:
+        largest = max(kept, key=lambda k: len(kept[k]))
+        size = _entry_size(largest, kept.pop(largest))
+        total -= size
+        skipped[largest] = clean(
+            f"too large: {size_text(size)} (limit {_limit_text(max_bytes)} for the whole snapshot)",
+            MAX_REASON,
+        )
+    return total
+
+
+def _save_work_dir(
+    root: str,
+    kept: dict[str, bytes],
+    *,
+    total: int,
+    budget: int,
+    skipped: dict[str, str],
+    max_bytes: int,
+) -> None:
+    try:
+        data = pack_dir(root, budget)
+    except _TooLarge as exc:
+        skipped[WORK_DIR_RECORD] = (
+            f"too large: {size_text(exc.size)} (limit {_limit_text(max_bytes)})"
+        )
+    except OSError as exc:
+        skipped[WORK_DIR_RECORD] = clean(f"cannot be saved: {exc}", MAX_REASON)
+    else:
+        kept[WORK_DIR_RECORD] = data
+        _keep_within(kept, total + _entry_size(WORK_DIR_RECORD, data), budget, skipped, max_bytes)
 
 
 def _unsaveable_reason(value: Any, exc: _Unsaveable) -> str:
@@ -332,6 +371,7 @@ def load(
     namespace: dict[str, Any],
     *,
     resolve: Callable[[Reference], Any],
+    work_dir: str | None = None,
 ) -> Loaded:
     """Unpickle each entry of ``blob`` into ``namespace``. An entry that fails
     goes to ``failed`` with the reason; the others are loaded regardless.
@@ -340,6 +380,16 @@ def load(
     records = unpack(blob)
     loaded = Loaded()
     for name, data in records:
+        if name == WORK_DIR_RECORD and work_dir is not None:
+            try:
+                unpack_dir(data, work_dir)
+            except BaseException as exc:
+                loaded.failed[name] = clean(
+                    f"cannot be loaded: {type(exc).__name__}: {exc}", MAX_REASON
+                )
+            else:
+                loaded.names.append(name)
+            continue
         problem = _name_problem(name)
         if problem is None and name.startswith("__") and name.endswith("__"):
             problem = "a reserved name"
@@ -378,3 +428,57 @@ def chunks(data: bytes, size: int) -> Iterable[bytes]:
         yield b""
     for start in range(0, len(data), size):
         yield data[start : start + size]
+
+
+# --- the work directory -----------------------------------------------------------
+
+
+def pack_dir(root: str, limit: int) -> bytes:
+    """The files below ``root`` as a gzipped tar of at most ``limit`` bytes
+    (:class:`_TooLarge` past it). Links are kept as links, never followed."""
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w:gz", compresslevel=6) as tar:
+        for name in sorted(os.listdir(root)):
+            if name.startswith(".legion-upload-"):
+                continue
+            tar.add(os.path.join(root, name), arcname=name, recursive=True)
+            if sink.tell() > limit:
+                raise _TooLarge(sink.tell())
+    data = sink.getvalue()
+    if len(data) > limit:
+        raise _TooLarge(len(data))
+    return data
+
+
+def unpack_dir(data: bytes, root: str) -> None:
+    """Extract a :func:`pack_dir` tar into ``root``: regular files,
+    directories and links only, every name inside ``root``, nothing written
+    through a link."""
+    links: set[str] = set()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            name = os.path.normpath(member.name)
+            parts = name.split(os.sep)
+            if name.startswith("/") or ".." in parts:
+                continue
+            if any(os.sep.join(parts[:i]) in links for i in range(1, len(parts))):
+                continue
+            target = os.path.join(root, name)
+            if member.isdir():
+                os.makedirs(target, exist_ok=True)
+            elif member.issym():
+                links.add(name)
+                if os.path.lexists(target):
+                    os.unlink(target)
+                os.symlink(member.linkname, target)
+            elif member.isfile():
+                source = tar.extractfile(member)
+                if source is None:
+                    continue
+                os.makedirs(os.path.dirname(target) or root, exist_ok=True)
+                if os.path.islink(target):
+                    os.unlink(target)
+                with open(target, "wb") as out:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+                os.chmod(target, stat.S_IMODE(member.mode) & 0o755)

@@ -84,6 +84,31 @@ def test_the_trace_pairs_each_call_with_its_outcome() -> None:
     assert step.fields["took"] == "1.5 s" and step.status == "ok"
 
 
+def test_a_step_shows_its_output_as_it_comes() -> None:
+    state = LiveState("alice")
+    feed(
+        state,
+        event("run.start", "r", agent="Coder", task="t"),
+        event("sandbox.eval.start", "r", code="print('a')"),
+    )
+    (step,) = [i for i in state.runs["r"].trace.values() if i.template == "eval"]
+    first = feed(state, event("sandbox.output", "r", stream="stdout", text="loading\n"))
+    assert items(first, "trace")[step.key].fields["stdout"] == "loading\n"
+    feed(
+        state,
+        event("sandbox.output", "r", stream="stderr", text="slow\n"),
+        event("sandbox.output", "r", stream="stdout", text="done\n"),
+    )
+    assert (step.fields["stdout"], step.fields["stderr"]) == ("loading\ndone\n", "slow\n")
+    assert step.status == "running"
+    # Bounded like every text: past the limit, the rest waits for the step's end.
+    feed(state, event("sandbox.output", "r", stream="stdout", text="x" * live.TEXT))
+    assert len(feed(state, event("sandbox.output", "r", stream="stdout", text="more"))) == 0
+    assert "more characters cut" in step.fields["stdout"]
+    feed(state, event("sandbox.eval.stop", "r", success=True, stdout="all of it\n", stderr=""))
+    assert (step.fields["stdout"], step.fields["stderr"]) == ("all of it\n", "")
+
+
 def test_human_requests_wait_until_answered_or_their_run_ends() -> None:
     state = LiveState("alice")
     asked = feed(
@@ -134,3 +159,35 @@ def test_sandbox_readings_give_cpu_now_and_a_peak() -> None:
     assert row.fields["cpu_now"] == "25%"  # 0.5 s of CPU in 2 s
     assert row.fields["peak"] == "10.0 MiB"  # no peak from the engine: the most seen
     assert row.fields["memory_limit"] == "256.0 MiB" and row.fields["pids"] == "128"
+
+
+def test_a_step_shows_its_figures_inline_and_only_pngs() -> None:
+    import base64
+
+    from legion.dashboard import templates
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+    state = LiveState("alice")
+    patches = feed(
+        state,
+        event("run.start", "r", agent="Plotter", task="plot"),
+        event("sandbox.eval.start", "r", code="plt.show()"),
+        event(
+            "sandbox.eval.stop",
+            "r",
+            success=True,
+            artifacts=[
+                {"mime_type": "image/png", "data_base64": png, "description": "figure 1"},
+                {"mime_type": "image/png", "data_base64": "PHNjcmlwdD4="},  # not a PNG
+                {"mime_type": "image/svg+xml", "data_base64": png},
+                {"mime_type": "image/png", "data_base64": png + '"><script>'},
+            ],
+        ),
+    )
+    (step,) = [i for i in items(patches, "trace").values() if i.template == "eval"]
+    assert step.images == {"figures": ["data:image/png;base64," + png]}
+    assert step.to_json()["images"] == step.images
+    html = str(
+        templates.render_item(step.template, step.key, fields=step.fields, images=step.images)
+    )
+    assert f'<img src="data:image/png;base64,{png}"' in html and "<script>" not in html

@@ -172,6 +172,8 @@ async def test_every_response_carries_the_security_headers(
                 assert answer.headers.get(name) == value, (path, name)
     csp = SECURITY_HEADERS["Content-Security-Policy"]
     assert "default-src 'self'; script-src 'self'; style-src 'self'" in csp
+    # Pictures only from this server or inline data: (a step's figures); no other origin.
+    assert "img-src 'self' data:;" in csp
     async with browser.http.get(
         browser.url + "/events", params={"view": "tree"}, timeout=aiohttp.ClientTimeout(total=30)
     ) as stream:

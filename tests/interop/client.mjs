@@ -3,14 +3,16 @@
 // @grpc/proto-loader for the service definition, nothing generated.
 //
 //   LEGION_SERVER_TOKEN=... node client.mjs --address 127.0.0.1:PORT \
-//       --agent NAME --task "..." --answer "..."
+//       --agent NAME --task "..." --answer "..." [--file NAME=PATH ...] [--out DIR]
 //
 // It lists the agents, watches Events for human requests, runs the agent
 // (collecting the streamed events and the result), lists the live sandboxes
 // while the run's human request waits, answers it with RespondHuman, checks
 // that a call with a wrong token is refused, and prints a JSON summary on
-// stdout. Exit status 0 when every step worked.
+// stdout. Exit status 0 when every step worked. --file puts files in the
+// run's work directory; --out writes the files the run returned.
 
+import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -30,6 +32,8 @@ const { values: options } = parseArgs({
     agent: { type: "string" },
     task: { type: "string" },
     answer: { type: "string", default: "yes" },
+    file: { type: "string", multiple: true, default: [] },
+    out: { type: "string" },
     "timeout-seconds": { type: "string", default: "120" },
   },
 });
@@ -130,7 +134,11 @@ function watchHumanRequests(answer) {
 
 function run(agent, task) {
   return new Promise((resolve, reject) => {
-    const call = client.Run({ agent, task, config_json: "" }, metadata());
+    const files = options.file.map((spec) => {
+      const at = spec.indexOf("=");
+      return { name: spec.slice(0, at), data: fs.readFileSync(spec.slice(at + 1)) };
+    });
+    const call = client.Run({ agent, task, config_json: "", files }, metadata());
     const events = [];
     let outcome = null;
     call.on("data", (update) => {
@@ -142,6 +150,14 @@ function run(agent, task) {
         });
       } else if (update.kind === "result") {
         const r = update.result;
+        if (options.out) {
+          for (const file of r.files) {
+            const target = path.resolve(options.out, file.name);
+            if (!target.startsWith(path.resolve(options.out) + path.sep)) continue;
+            fs.mkdirSync(path.dirname(target), { recursive: true });
+            fs.writeFileSync(target, file.data);
+          }
+        }
         outcome = {
           result: {
             run_id: r.run_id,
@@ -149,6 +165,8 @@ function run(agent, task) {
             iterations: r.iterations,
             usage: usage(r.usage),
             messages: parseJson(r.messages_json),
+            files: r.files.map((file) => file.name),
+            files_note: r.files_note,
           },
         };
       } else if (update.kind === "error") {

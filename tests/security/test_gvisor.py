@@ -98,7 +98,7 @@ async def test_filesystem_and_identity(gsandbox: legion.Sandbox) -> None:
     # non-root user; a world-writable directory shows the mount is read-only.
     assert root in ("EROFS", "EACCES") and socket_dir in ("EROFS", "EACCES")
     assert world_writable == "EROFS" and root_mount == ["ro"]
-    assert tmp_cap in ("ENOSPC", "EFBIG")  # /tmp 64 MiB, fsize 16 MiB: one of them stops it
+    assert tmp_cap in ("ENOSPC", "EFBIG")  # /tmp 64 MiB, fsize 64 MiB: one of them stops it
     assert uid == 65534 and caps == ["0000000000000000"]
 
 

@@ -52,6 +52,8 @@ def script(messages: list[dict[str, Any]]) -> Reply | str:
     latest = messages[-1]
     if latest["role"] == "user" and str(latest["content"]).startswith("#"):
         task = str(latest["content"])  # a long-lived agent's turn: its own task
+    # Files given to the run are named after the task: not part of the script.
+    task = task.split("\n\n[Files for this task", 1)[0]
     if task.startswith("#code "):
         return action("eval_and_complete", task.removeprefix("#code "))
     if task.startswith("#json "):

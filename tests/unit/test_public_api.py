@@ -12,9 +12,11 @@ PUBLIC = [
     # a controller service (legion serve)
     "Client", "SyncClient",
     # sandboxes
-    "ExecError", "ExecResult", "ResourceStats", "Sandbox", "SandboxLimits", "SandboxRuntime",
+    "Artifact", "ExecError", "ExecResult", "FileInfo", "ResourceStats", "Sandbox",
+    "SandboxLimits", "SandboxRuntime",
     # errors
-    "BackendError", "ConversationError", "DockerUnavailable", "HumanRequestNotFound",
+    "BackendError", "BackendUnavailable", "ConversationError", "DockerUnavailable",
+    "HumanRequestNotFound", "SandboxFileError",
     "ImageNotFound", "LegionError", "MaxIterationsReached", "MaxRetriesReached", "ModelError",
     "RunError", "SandboxClosed", "SandboxCrashed", "SandboxError", "SandboxOOMKilled",
     "SandboxStartError", "UsageError", "VaultKeyError",

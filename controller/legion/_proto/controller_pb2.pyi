@@ -34,14 +34,24 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("agent", "task", "config_json")
+    __slots__ = ("agent", "task", "config_json", "files")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     agent: str
     task: str
     config_json: str
-    def __init__(self, agent: _Optional[str] = ..., task: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[FileData]
+    def __init__(self, agent: _Optional[str] = ..., task: _Optional[str] = ..., config_json: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileData, _Mapping]]] = ...) -> None: ...
+
+class FileData(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "requests")
@@ -58,18 +68,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class RunResult(_message.Message):
-    __slots__ = ("run_id", "output_json", "iterations", "usage", "messages_json")
+    __slots__ = ("run_id", "output_json", "iterations", "usage", "messages_json", "files", "files_note")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    FILES_NOTE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     output_json: str
     iterations: int
     usage: Usage
     messages_json: str
-    def __init__(self, run_id: _Optional[str] = ..., output_json: _Optional[str] = ..., iterations: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., messages_json: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[FileData]
+    files_note: str
+    def __init__(self, run_id: _Optional[str] = ..., output_json: _Optional[str] = ..., iterations: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., messages_json: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileData, _Mapping]]] = ..., files_note: _Optional[str] = ...) -> None: ...
 
 class RunError(_message.Message):
     __slots__ = ("run_id", "type", "message", "iterations", "usage", "messages_json")
@@ -132,20 +146,24 @@ class StartAgentResponse(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("conversation_id", "message")
+    __slots__ = ("conversation_id", "message", "files")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     message: str
-    def __init__(self, conversation_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[FileData]
+    def __init__(self, conversation_id: _Optional[str] = ..., message: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileData, _Mapping]]] = ...) -> None: ...
 
 class CastRequest(_message.Message):
-    __slots__ = ("conversation_id", "message")
+    __slots__ = ("conversation_id", "message", "files")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     message: str
-    def __init__(self, conversation_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[FileData]
+    def __init__(self, conversation_id: _Optional[str] = ..., message: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileData, _Mapping]]] = ...) -> None: ...
 
 class CastResponse(_message.Message):
     __slots__ = ("turn_id",)

@@ -23,6 +23,7 @@ def _item(item: Item, *, children: Safe = EMPTY, context: Mapping[str, str] | No
         links=item.links,
         children=children,
         context=context,
+        images=item.images,
     )
 
 

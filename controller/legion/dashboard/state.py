@@ -16,6 +16,7 @@ sandboxes.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class Item:
     status: str = ""
     links: dict[str, str] = field(default_factory=dict)
     parent: str = ""
+    images: dict[str, list[str]] = field(default_factory=dict)
+    """Pictures by slot: ``data:image/png;base64,`` URLs (a step's figures)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,7 @@ class Item:
             "status": self.status,
             "links": self.links,
             "parent": self.parent,
+            "images": self.images,
         }
 
 
@@ -88,6 +92,28 @@ class Patch:
 
 
 # --- formatting ------------------------------------------------------------------------------
+
+
+PNG_URL = "data:image/png;base64,"
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def png_urls(artifacts: Any) -> list[str]:
+    """The PNGs a ``sandbox.eval`` event carries, as ``data:`` URLs; anything
+    that is not plain base64 of a PNG is left out (it came from a sandbox)."""
+    urls = []
+    for artifact in artifacts if isinstance(artifacts, list) else []:
+        if not isinstance(artifact, Mapping) or artifact.get("mime_type") != "image/png":
+            continue
+        encoded = artifact.get("data_base64")
+        # "iVBORw0KGgo" is the PNG signature in base64.
+        if (
+            isinstance(encoded, str)
+            and encoded.startswith("iVBORw0KGgo")
+            and _BASE64.fullmatch(encoded)
+        ):
+            urls.append(PNG_URL + encoded)
+    return urls[:8]
 
 
 def text(value: Any, limit: int = TEXT) -> str:
@@ -499,7 +525,23 @@ class LiveState:
             value=text(data.get("value")),
             error=text(data.get("error")),
         )
+        figures = png_urls(data.get("artifacts"))
+        if figures:
+            entry.images["figures"] = figures
         entry.status = "ok" if run.eval_ok else "error"
+        return self._trace(run, entry)
+
+    def _eval_output(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
+        """Output of the running code, appended as it comes; the stop event's
+        excerpt replaces it when the step ends."""
+        entry = run.trace.get(run.open_eval)
+        stream = data.get("stream")
+        if entry is None or stream not in ("stdout", "stderr"):
+            return []
+        shown = entry.fields.get(stream, "")
+        if len(shown) >= TEXT:  # cut already: the rest shows when the step ends
+            return []
+        entry.fields[stream] = text(shown + text(data.get("text")))
         return self._trace(run, entry)
 
     def _iteration_stop(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
@@ -684,6 +726,7 @@ _HANDLERS: dict[str, _Handler] = {
     telemetry.SANDBOX_EVAL_START: LiveState._eval_start,
     telemetry.SANDBOX_EVAL_STOP: LiveState._eval_stop,
     telemetry.SANDBOX_EVAL_EXCEPTION: LiveState._eval_stop,
+    telemetry.SANDBOX_OUTPUT: LiveState._eval_output,
     telemetry.ITERATION_STOP: LiveState._iteration_stop,
     telemetry.TOOL_CALL_START: LiveState._tool_start,
     telemetry.TOOL_CALL_STOP: LiveState._tool_end,

@@ -114,6 +114,7 @@ ITEMS: dict[str, Template] = {
         '<pre class="text" data-field="stderr">$stderr</pre></div>'
         '<div class="part"><div class="label">value</div>'
         '<pre class="text" data-field="value">$value</pre></div>'
+        '<div class="part figures" data-images="figures">$images_figures</div>'
         '<pre class="text error" data-field="error">$error</pre></li>'
     ),
     "tool": Template(
@@ -193,6 +194,7 @@ def render_item(
     links: Mapping[str, str] | None = None,
     children: Safe = EMPTY,
     context: Mapping[str, str] | None = None,
+    images: Mapping[str, list[str]] | None = None,
 ) -> Safe:
     """One item as HTML: its fields escaped into their places."""
     chosen = ITEMS[template]
@@ -200,8 +202,20 @@ def render_item(
     values.update(context or {})
     values.update(fields)
     values.update({f"link_{name}": path for name, path in (links or {}).items()})
+    values.update({f"images_{name}": pictures(urls) for name, urls in (images or {}).items()})
     values.update(key=key, status=status, children=children)
     return render(chosen, **values)
+
+
+def pictures(urls: Iterable[str]) -> Safe:
+    """``<img>`` elements for ``data:image/png`` URLs (others are left out)."""
+    return Safe(
+        "".join(
+            f'<img src="{escape(url)}" alt="a figure the code showed">'
+            for url in urls
+            if url.startswith("data:image/png;base64,")
+        )
+    )
 
 
 def item_templates(names: Iterable[str], context: Mapping[str, str] | None = None) -> Safe:

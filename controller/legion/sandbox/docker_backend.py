@@ -40,6 +40,7 @@ from .backend import (
     owner_id,
 )
 from .endpoint import UnixSocketEndpoint
+from .files import WORK_DIR
 
 log = get_logger("legion.sandbox.docker")
 
@@ -188,7 +189,11 @@ class DockerBackend:
             "pids_limit": limits.pids,
             "nano_cpus": int(limits.cpus * 1e9),
             "read_only": True,
-            "tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmpfs_mb}m,mode=1777"},
+            "tmpfs": {
+                "/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmpfs_mb}m,mode=1777",
+                # The work directory (legion.sandbox.files), also the current one.
+                WORK_DIR: f"rw,nosuid,nodev,noexec,size={limits.files_mb}m,mode=1777",
+            },
             "shm_size": limits.shm_mb * MiB,
             "cap_drop": ["ALL"],
             "security_opt": security_opt,
@@ -202,7 +207,7 @@ class DockerBackend:
             "log_config": {"type": "none", "config": {}},
             "labels": {LABEL: self.runtime_id, OWNER_LABEL: self.owner},
             "volumes": {str(endpoint.directory): {"bind": endpoint.mount_path, "mode": "ro"}},
-            "working_dir": "/tmp",
+            "working_dir": WORK_DIR,
             "detach": True,
         }
         if limits.runtime:

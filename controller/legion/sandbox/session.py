@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import functools
@@ -12,22 +13,25 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import telemetry
 from .. import vault as _vault
 from .._log import get_logger
 from .._proto import sandbox_pb2 as pb
-from ..config import SandboxLimits
+from ..config import MiB, SandboxLimits
 from ..errors import (
     SandboxClosed,
     SandboxCrashed,
     SandboxError,
+    SandboxFileError,
     SandboxOOMKilled,
     SnapshotError,
 )
-from . import _codec
+from . import _codec, files
+from ._output import OutputFeed, OutputHandler
 from .channel import ENVELOPE_BYTES
+from .files import SandboxFiles
 from .runtime import Lease, SandboxRuntime, default_runtime
 from .tools import ToolDef, ToolDispatcher, toolset
 
@@ -79,6 +83,11 @@ class ExecResult:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     stats: ResourceStats = field(default_factory=ResourceStats)
+    artifacts: tuple[Artifact, ...] = ()
+    """Figures and images the code showed, as PNG bytes (at most
+    ``MAX_ARTIFACTS`` and ``MAX_ARTIFACT_BYTES`` a run)."""
+    artifacts_dropped: int = 0
+    """Figures or images shown but not kept: over the count or size bound."""
 
     @property
     def ok(self) -> bool:
@@ -112,6 +121,84 @@ class Restored:
     failed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Name -> why it could not be loaded (a module or tool this sandbox
     lacks, a value whose loading raised...)."""
+
+
+_T = TypeVar("_T", "_Transfer", "_FileReply")
+
+MAX_ARTIFACTS = 8
+"""Figures and images kept per run (the runner sends at most this many)."""
+MAX_ARTIFACT_BYTES = 16 * MiB
+"""Bytes of figures and images kept per run, all together."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A figure or image the code showed (``plt.show()``, or a trailing
+    matplotlib Figure or PIL image): its bytes, never a repr."""
+
+    mime_type: str
+    data: bytes = field(repr=False)
+    description: str = ""
+
+    def summary(self) -> str:
+        """One line for a model, which never sees the bytes: type, size, what."""
+        size = png_size(self.data) if self.mime_type == "image/png" else None
+        shape = f" {size[0]}x{size[1]}" if size else ""
+        what = f": {self.description}" if self.description else ""
+        return f"[{self.mime_type}{shape}, {len(self.data):,} bytes{what}]"
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk; None when it is not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _snapshot_transfer(kind: str) -> Callable[[Lease], _Transfer]:
+    def make(lease: Lease) -> _Transfer:
+        return _Transfer(kind, lease.limits.max_snapshot_bytes)
+
+    return make
+
+
+class _FileReply:
+    """Controller-side state of one file operation: the runner's replies,
+    bounded by ``limit`` bytes of data (0: none expected)."""
+
+    kind = "file_reply"
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.path = path
+        self.limit = limit
+        self.data = bytearray()
+        self.entries: list[files.FileInfo] = []
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, message: pb.FileReply) -> None:
+        if self.done.done() or message.request_id != self.request_id:
+            return
+        self.data += message.chunk
+        self.entries.extend(
+            files.FileInfo(e.path, e.size, is_dir=e.is_dir, is_symlink=e.is_symlink)
+            for e in message.entries[: max(0, 100_000 - len(self.entries))]
+        )
+        if len(self.data) > self.limit:  # a runner that does not keep to it
+            self.data = bytearray()
+            self.done.set_exception(
+                SandboxFileError(
+                    f"{self.path}: more than the {self.limit} bytes asked for",
+                    kind="too_large",
+                    path=self.path,
+                )
+            )
+        elif message.last and message.error:
+            self.done.set_exception(
+                SandboxFileError(message.error, kind=message.error_kind or "failed", path=self.path)
+            )
+        elif message.last:
+            self.done.set_result(None)
 
 
 class _Transfer:
@@ -165,21 +252,52 @@ def _value_text(result: ExecResult) -> str | None:
     return telemetry.excerpt(json.dumps(result.value, ensure_ascii=False))
 
 
+ARTIFACT_EVENT_BYTES = 160 * 1024
+"""A PNG up to this size travels with its ``sandbox.eval`` event (base64, so
+the event stays under the API's 256 KiB a event), and a trace can show it; a
+larger one is described only."""
+
+
+def _artifact_event(artifact: Artifact) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "mime_type": artifact.mime_type,
+        "description": artifact.description,
+        "bytes": len(artifact.data),
+        "summary": artifact.summary(),
+    }
+    if artifact.mime_type == "image/png" and len(artifact.data) <= ARTIFACT_EVENT_BYTES:
+        event["data_base64"] = base64.b64encode(artifact.data).decode("ascii")
+    return event
+
+
 def _truncation_marker(dropped: int) -> str:
     return f"\n[... output truncated: {dropped} more characters not kept ...]\n"
 
 
 class _Execution:
-    """Controller-side state of one Execute: output kept within the limit."""
+    """Controller-side state of one Execute: output kept within the limit,
+    and handed on to ``feed`` as it comes."""
 
-    def __init__(self, limit: int, context: contextvars.Context) -> None:
+    def __init__(self, limit: int, context: contextvars.Context, feed: OutputFeed) -> None:
         self.exec_id = uuid.uuid4().hex
         self.limit = limit
         self.context = context
+        self.feed = feed
         self.done: asyncio.Future[pb.ExecuteResult] = asyncio.get_running_loop().create_future()
         self.out = {pb.STREAM_STDOUT: bytearray(), pb.STREAM_STDERR: bytearray()}
         self.dropped = {pb.STREAM_STDOUT: 0, pb.STREAM_STDERR: 0}
         self.started = time.perf_counter()
+        self.artifacts: list[Artifact] = []
+        self.artifacts_dropped = 0
+
+    def add_artifact(self, message: pb.Artifact) -> None:
+        kept = sum(len(a.data) for a in self.artifacts)
+        if len(self.artifacts) >= MAX_ARTIFACTS or kept + len(message.data) > MAX_ARTIFACT_BYTES:
+            self.artifacts_dropped += 1
+            return
+        self.artifacts.append(
+            Artifact(message.mime_type[:100], bytes(message.data), message.description[:300])
+        )
 
     def add_output(self, stream: pb.Stream, data: bytes) -> None:
         buf = self.out.get(stream)
@@ -188,15 +306,18 @@ class _Execution:
         # The runner already caps output; a hostile one must not make us hold more.
         room = self.limit - len(buf)
         if room > 0:
-            buf += data[:room]
+            kept = data[:room]
+            buf += kept
+            self.feed.add(stream, kept, self.context)
         self.dropped[stream] += max(0, len(data) - max(room, 0))
 
     def text(self, stream: pb.Stream, runner_dropped: int = 0) -> tuple[str, bool]:
+        """The stream's output as the result keeps it; live consumers get its end."""
         text = self.out[stream].decode("utf-8", "replace")
         dropped = self.dropped[stream] + runner_dropped
-        if dropped:
-            text += _truncation_marker(dropped)
-        return text, bool(dropped)
+        marker = _truncation_marker(dropped) if dropped else ""
+        self.feed.end(stream, marker, self.context)
+        return text + marker, bool(dropped)
 
 
 class Sandbox:
@@ -246,7 +367,9 @@ class Sandbox:
         self._agent = agent  # shown by SandboxRuntime.sandboxes()
         self._lease: Lease | None = None
         self._execution: _Execution | None = None
-        self._transfer: _Transfer | None = None
+        self._transfer: _Transfer | _FileReply | None = None
+        self.files = SandboxFiles(self)
+        """The work directory (``/data``): write, read, list, remove files."""
         self._dispatcher: ToolDispatcher | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._removals: set[asyncio.Task[None]] = set()
@@ -314,15 +437,43 @@ class Sandbox:
     # running code ------------------------------------------------------------
 
     async def run(
-        self, code: str, *, timeout: float | None = None, reset: bool = False
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        reset: bool = False,
+        on_output: OutputHandler | None = None,
     ) -> ExecResult:
         """Run ``code``; return its trailing expression's value, output and error.
 
         ``timeout`` defaults to the limits' ``timeout_seconds``; ``reset=True``
         starts from an empty namespace (tools stay).
+
+        ``on_output(stream, text)`` (sync or async; ``stream`` is ``"stdout"``
+        or ``"stderr"``) receives the output while the code runs, in order:
+        exactly what the result keeps, with the truncation marker once where
+        it was cut, all of it before ``run`` returns. A callback that raises
+        is logged, and the run goes on. While anyone is subscribed to
+        telemetry, the same chunks are ``sandbox.output`` events.
+
+        >>> async def main():
+        ...     async with legion.Sandbox() as sandbox:
+        ...         await sandbox.run(
+        ...             "import time\nprint('working')\ntime.sleep(3)\nprint('done')",
+        ...             on_output=lambda stream, text: print(stream, text, end=""),
+        ...         )  # "stdout working" at once, "stdout done" 3 s later
         """
+        feed = OutputFeed(on_output)
         with telemetry.span(telemetry.SANDBOX_EVAL, code=code) as stop:
-            result = await self._run(code, timeout=timeout, reset=reset)
+            try:
+                result = await self._run(code, timeout=timeout, reset=reset, feed=feed)
+            except Exception:
+                await feed.close()
+                raise
+            except BaseException:  # cancelled: nothing may be awaited now
+                feed.cancel()
+                raise
+            await feed.close()
             stop.update(
                 success=result.ok,
                 timed_out=result.timed_out,
@@ -334,9 +485,13 @@ class Sandbox:
                     stderr=telemetry.excerpt(result.stderr),
                     value=_value_text(result),
                 )
+                if result.artifacts:
+                    stop.update(artifacts=[_artifact_event(a) for a in result.artifacts])
             return result
 
-    async def _run(self, code: str, *, timeout: float | None, reset: bool) -> ExecResult:
+    async def _run(
+        self, code: str, *, timeout: float | None, reset: bool, feed: OutputFeed
+    ) -> ExecResult:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         async with self._lock:
@@ -359,7 +514,7 @@ class Sandbox:
             context = contextvars.copy_context()
             if self._vault:
                 context.run(_vault._overlay, self._vault)
-            execution = self._execution = _Execution(limits.output_limit_bytes, context)
+            execution = self._execution = _Execution(limits.output_limit_bytes, context, feed)
             lease.connection.send(
                 pb.ControllerMessage(
                     execute=pb.Execute(
@@ -404,7 +559,9 @@ class Sandbox:
 
     # snapshots ---------------------------------------------------------------
 
-    async def snapshot(self, *, timeout: float | None = None) -> Snapshot:
+    async def snapshot(
+        self, *, timeout: float | None = None, include_files: bool = False
+    ) -> Snapshot:
         """Save the namespace's variables into an opaque blob.
 
         Pickling happens inside the sandbox, entry by entry, in turn with
@@ -416,6 +573,10 @@ class Sandbox:
         (zlib-compressed) is at most ``SandboxLimits.max_snapshot_bytes``:
         values are left out, largest first, until it fits.
 
+        ``include_files`` adds the work directory (``/data``: the files of
+        :attr:`files`) as one more entry, named ``/data``, under the same
+        bound; :meth:`restore` puts them back.
+
         ``timeout`` defaults to the limits' ``timeout_seconds``. At the
         timeout the container is replaced (its variables are gone) and
         :class:`legion.errors.SnapshotError` is raised; a container that dies
@@ -424,11 +585,15 @@ class Sandbox:
 
         def request(lease: Lease, transfer: _Transfer) -> list[pb.ControllerMessage]:
             snap = pb.Snapshot(
-                request_id=transfer.request_id, max_bytes=lease.limits.max_snapshot_bytes
+                request_id=transfer.request_id,
+                max_bytes=lease.limits.max_snapshot_bytes,
+                include_files=include_files,
             )
             return [pb.ControllerMessage(snapshot=snap)]
 
-        transfer = await self._exchange("snapshot_chunk", request, timeout, "taking a snapshot")
+        transfer = await self._exchange(
+            _snapshot_transfer("snapshot_chunk"), request, timeout, "taking a snapshot"
+        )
         if transfer.error:
             raise SnapshotError(transfer.error)
         log.debug(
@@ -486,26 +651,57 @@ class Sandbox:
                 for start in starts
             ]
 
-        transfer = await self._exchange("restore_result", request, timeout, "restoring a snapshot")
+        transfer = await self._exchange(
+            _snapshot_transfer("restore_result"), request, timeout, "restoring a snapshot"
+        )
         if transfer.error:
             raise SnapshotError(transfer.error)
         return Restored(
             names=tuple(transfer.names), failed=MappingProxyType(dict(transfer.problems))
         )
 
+    async def _file_exchange(
+        self,
+        requests: Callable[[int, str], list[pb.FileRequest]],
+        path: str,
+        timeout: float | None,
+        *,
+        limit: int,
+    ) -> _FileReply:
+        """One file operation (SandboxFiles): send its requests, collect the
+        runner's replies; the reply's error raises SandboxFileError."""
+
+        def request(lease: Lease, transfer: _FileReply) -> list[pb.ControllerMessage]:
+            chunk = min(files.CHUNK_BYTES, lease.limits.max_message_bytes - ENVELOPE_BYTES)
+            return [
+                pb.ControllerMessage(file_request=message)
+                for message in requests(chunk, transfer.request_id)
+            ]
+
+        def transfer(lease: Lease) -> _FileReply:
+            return _FileReply(path, limit)
+
+        reply = await self._exchange(
+            transfer, request, timeout, f"a file operation on {path}", error=SandboxFileError
+        )
+        return reply
+
     async def _exchange(
         self,
-        kind: str,
-        request: Callable[[Lease, _Transfer], list[pb.ControllerMessage]],
+        make: Callable[[Lease], _T],
+        request: Callable[[Lease, _T], list[pb.ControllerMessage]],
         timeout: float | None,
         doing: str,
-    ) -> _Transfer:
-        """Send ``request``'s messages and wait for the runner's ``kind``
-        answers, with run()'s locking, timeout and crash handling."""
+        *,
+        error: type[SandboxError] = SnapshotError,
+    ) -> _T:
+        """Send ``request``'s messages and wait until the transfer ``make``
+        returns has all the runner's answers, with run()'s locking, timeout
+        and crash handling."""
         async with self._lock:
             lease = await self._live_lease()
             timeout = lease.limits.timeout_seconds if timeout is None else timeout
-            transfer = self._transfer = _Transfer(kind, lease.limits.max_snapshot_bytes)
+            transfer = self._transfer = make(lease)
             try:
                 for message in request(lease, transfer):
                     lease.connection.send(message)
@@ -513,7 +709,7 @@ class Sandbox:
             except TimeoutError:
                 # The runner cannot be interrupted inside pickle: replace it.
                 await self._drop(lease)
-                raise SnapshotError(
+                raise error(
                     f"{doing} did not finish within {timeout:g} s and was stopped. The "
                     "sandbox was replaced with a fresh one: variables from earlier runs "
                     "are gone."
@@ -547,6 +743,8 @@ class Sandbox:
             stats=ResourceStats(
                 msg.stats.cpu_user_seconds, msg.stats.cpu_system_seconds, msg.stats.max_rss_bytes
             ),
+            artifacts=tuple(execution.artifacts),
+            artifacts_dropped=execution.artifacts_dropped + max(0, msg.artifacts_dropped),
         )
 
     async def _timed_out(self, lease: Lease, execution: _Execution, timeout: float) -> ExecResult:
@@ -628,7 +826,7 @@ class Sandbox:
 
     def _on_message(self, message: pb.RunnerMessage) -> None:
         kind = message.WhichOneof("kind")
-        if kind in ("snapshot_chunk", "restore_result"):
+        if kind in ("snapshot_chunk", "restore_result", "file_reply"):
             transfer = self._transfer
             if transfer is not None and transfer.kind == kind:
                 transfer.add(getattr(message, kind))
@@ -639,6 +837,9 @@ class Sandbox:
         if kind == "output":
             if message.output.exec_id == execution.exec_id:
                 execution.add_output(message.output.stream, message.output.data)
+        elif kind == "artifact":
+            if message.artifact.exec_id == execution.exec_id:
+                execution.add_artifact(message.artifact)
         elif kind == "execute_result":
             if message.execute_result.exec_id == execution.exec_id and not execution.done.done():
                 execution.done.set_result(message.execute_result)

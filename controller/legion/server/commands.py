@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,9 @@ from .app import serve as serve_forever
 from .auth import TokenTable
 
 USAGE_EXIT = 2
+_LINES = re.compile(r"[^\n]*\n|[^\n]+")
+_OUTPUT_PREFIX = {"stdout": "    | ", "stderr": "    ! "}
+"""How `legion run` marks the code's output lines under their step."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -94,20 +98,45 @@ def images(values: list[str]) -> dict[str, Any]:
 
 
 class Progress:
-    """Prints a run's events as short lines, and a reminder while a step
-    takes long (every ``every`` seconds)."""
+    """Prints a run's events as short lines, the code's output as it comes
+    (each line indented under its step, stderr's marked with ``!``), and a
+    reminder while a step takes long (every ``every`` seconds)."""
 
     def __init__(self, out: TextIO, *, every: float = 10.0) -> None:
         self.out = out
         self.every = every
         self._doing: tuple[str, float] | None = None
+        self._open_line = ""
+        """The stream whose last output line has not ended yet (empty: none)."""
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(self._end_line() + text, file=self.out, flush=True)
+
+    def output(self, stream: str, text: str) -> None:
+        """A chunk of the code's output, a prefix per line, written in one go."""
+        prefix = _OUTPUT_PREFIX.get(stream, _OUTPUT_PREFIX["stdout"])
+        parts = [self._end_line()] if self._open_line != stream else []
+        for line in _LINES.findall(text):
+            if not self._open_line:
+                parts.append(prefix)
+            parts.append(line)
+            self._open_line = "" if line.endswith("\n") else stream
+        self.out.write("".join(parts))
+        self.out.flush()
+
+    def _end_line(self) -> str:
+        """What ends an output line left open (before other lines)."""
+        if not self._open_line:
+            return ""
+        self._open_line = ""
+        return "\n"
 
     def __call__(self, event: telemetry.Event) -> None:
         d = event.data
         name = event.name
+        if name == telemetry.SANDBOX_OUTPUT:
+            self.output(str(d.get("stream", "")), str(d.get("text", "")))
+            return
         took = f" in {d['duration']:.1f}s" if isinstance(d.get("duration"), (int, float)) else ""
         line, doing = None, None
         if name == telemetry.RUN_START:
@@ -185,32 +214,80 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else Progress(sys.stderr)
     try:
         config = _config(args.config)
+        files = _input_files(args.file)
         if args.remote:
-            result = asyncio.run(_remote(args, config, progress))
+            result = asyncio.run(_remote(args, config, files, progress))
         else:
             agent = _import_agent(args.agent)
             unsubscribe = telemetry.subscribe(progress) if progress is not None else None
             try:
                 result = asyncio.run(
-                    _with_progress(progress, lambda: run_agent(agent, args.task, **config))
+                    _with_progress(
+                        progress, lambda: run_agent(agent, args.task, files=files, **config)
+                    )
                 )
             finally:
                 if unsubscribe is not None:
                     unsubscribe()
+        written = _write_out(args.out, result)
     except LegionError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"legion run: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
+    for path in written:
+        print(f"legion run: wrote {path}", file=sys.stderr)
+    if result.files and args.out is None:
+        print(
+            f"legion run: the run left {len(result.files)} file(s) in /data/out; "
+            "give --out DIR to keep them",
+            file=sys.stderr,
+        )
+    if result.files_note:
+        print(f"legion run: {result.files_note}", file=sys.stderr)
     print(to_json(result.output), flush=True)
     return 0
 
 
+def _input_files(specs: list[str]) -> dict[str, bytes]:
+    """``--file [NAME=]PATH`` options as name -> bytes."""
+    files: dict[str, bytes] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        try:
+            files[name] = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--file {spec}: cannot read {path}: {exc.strerror}") from None
+    return files
+
+
+def _write_out(out: str | None, result: RunResult) -> list[Path]:
+    """Write the run's files below ``out``; never outside it."""
+    if out is None or not result.files:
+        return []
+    root = Path(out).resolve()
+    written = []
+    for name, data in sorted(result.files.items()):
+        target = (root / name).resolve()
+        if not target.is_relative_to(root):
+            raise UsageError(f"the run returned a file named {name!r}, outside --out; not written")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written.append(target)
+    return written
+
+
 async def _remote(
-    args: argparse.Namespace, config: dict[str, Any], progress: Progress | None
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    files: dict[str, bytes],
+    progress: Progress | None,
 ) -> RunResult:
     async with Client(
         args.remote, token=args.token, tls=args.tls, root_certificates=args.ca_cert
     ) as client:
         return await _with_progress(
-            progress, lambda: client.run(args.agent, args.task, on_event=progress, **config)
+            progress,
+            lambda: client.run(args.agent, args.task, on_event=progress, files=files, **config),
         )

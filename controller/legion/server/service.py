@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ from .._api_codec import (
     config_of,
     error_message,
     event_message,
+    files_of,
     result_message,
     sandbox_message,
 )
@@ -46,6 +48,7 @@ from .._log import get_logger
 from .._proto import controller_pb2 as pb
 from .._proto import controller_pb2_grpc as pb_grpc
 from .._results import RunResult
+from .._run_files import check_input
 from ..agent import Agent, definition_of
 from ..agent import run as run_agent
 from ..config import MiB, check_config_keys, resolve_agent_config
@@ -234,7 +237,6 @@ class ControllerService(pb_grpc.ControllerServicer):
             agent_message(_describe(name, agent, self._config_of(name), runtime))
             for name, agent in sorted(self.agents.items())
         ]
-
         if min(max_concurrent_runs, max_event_streams, max_conversations) < 1:
             raise UsageError(
                 "max_concurrent_runs, max_event_streams and max_conversations must be at least 1"
@@ -502,11 +504,14 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
         overrides = await self._overrides(agent, request.config_json, context)
         options = {**self._config_of(request.agent), **overrides}
+        files = await self._files(request.files, context)
         await self._reserve(principal, context)
         log.info("run_requested", principal=principal.name, agent=request.agent)
 
         def work() -> Awaitable[RunResult]:
-            return run_agent(agent, task, vault=principal.vault, runtime=self.runtime, **options)
+            return run_agent(
+                agent, task, vault=principal.vault, runtime=self.runtime, files=files, **options
+            )
 
         async for update in self._stream_run(context, principal, work):
             yield update
@@ -607,17 +612,28 @@ class ControllerService(pb_grpc.ControllerServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "message must be a non-empty string"
             )
 
+    async def _files(
+        self, given: Iterable[pb.FileData], context: grpc.aio.ServicerContext
+    ) -> dict[str, bytes]:
+        """A request's files, checked as a run checks them (INVALID_ARGUMENT)."""
+        try:
+            return check_input(files_of(given))
+        except UsageError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     async def Call(
         self, request: pb.CallRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RunUpdate]:
         principal = await self._caller(context)
         await self._open(context)
         await self._message(request.message, context)
+        files = await self._files(request.files, context)
         handle = await self._conversation(principal, request.conversation_id, context)
         await self._reserve(principal, context)
 
         def work() -> Awaitable[RunResult]:
-            return handle.call(request.message)  # the turn runs in the call's context
+            # The turn runs in the call's context.
+            return handle.call(request.message, files=files)
 
         async for update in self._stream_run(context, principal, work, conversation_id=handle.id):
             yield update
@@ -628,12 +644,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         principal = await self._caller(context)
         await self._open(context)
         await self._message(request.message, context)
+        files = await self._files(request.files, context)
         handle = await self._conversation(principal, request.conversation_id, context)
         served = _Served(principal, self, conversation_id=handle.id, streamed=False)
         turn_context = contextvars.copy_context()
         turn_context.run(_serving.set, served)
         try:
-            turn_id = turn_context.run(handle.cast, request.message)
+            turn_id = turn_context.run(functools.partial(handle.cast, request.message, files=files))
         except ConversationError as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.CastResponse(turn_id=turn_id)

@@ -13,41 +13,60 @@ class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STREAM_UNSPECIFIED: _ClassVar[Stream]
     STREAM_STDOUT: _ClassVar[Stream]
     STREAM_STDERR: _ClassVar[Stream]
+
+class FileOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FILE_OP_UNSPECIFIED: _ClassVar[FileOp]
+    FILE_WRITE: _ClassVar[FileOp]
+    FILE_READ: _ClassVar[FileOp]
+    FILE_LIST: _ClassVar[FileOp]
+    FILE_REMOVE: _ClassVar[FileOp]
 STREAM_UNSPECIFIED: Stream
 STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
+FILE_OP_UNSPECIFIED: FileOp
+FILE_WRITE: FileOp
+FILE_READ: FileOp
+FILE_LIST: FileOp
+FILE_REMOVE: FileOp
 
 class RunnerMessage(_message.Message):
-    __slots__ = ("hello", "tool_call", "output", "execute_result", "snapshot_chunk", "restore_result")
+    __slots__ = ("hello", "tool_call", "output", "execute_result", "snapshot_chunk", "restore_result", "file_reply", "artifact")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_RESULT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESTORE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    FILE_REPLY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     tool_call: ToolCall
     output: Output
     execute_result: ExecuteResult
     snapshot_chunk: SnapshotChunk
     restore_result: RestoreResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., execute_result: _Optional[_Union[ExecuteResult, _Mapping]] = ..., snapshot_chunk: _Optional[_Union[SnapshotChunk, _Mapping]] = ..., restore_result: _Optional[_Union[RestoreResult, _Mapping]] = ...) -> None: ...
+    file_reply: FileReply
+    artifact: Artifact
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., execute_result: _Optional[_Union[ExecuteResult, _Mapping]] = ..., snapshot_chunk: _Optional[_Union[SnapshotChunk, _Mapping]] = ..., restore_result: _Optional[_Union[RestoreResult, _Mapping]] = ..., file_reply: _Optional[_Union[FileReply, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("define_tools", "execute", "tool_result", "cancel", "snapshot", "restore")
+    __slots__ = ("define_tools", "execute", "tool_result", "cancel", "snapshot", "restore", "file_request")
     DEFINE_TOOLS_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
+    FILE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     define_tools: DefineTools
     execute: Execute
     tool_result: ToolResult
     cancel: Cancel
     snapshot: Snapshot
     restore: Restore
-    def __init__(self, define_tools: _Optional[_Union[DefineTools, _Mapping]] = ..., execute: _Optional[_Union[Execute, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ...) -> None: ...
+    file_request: FileRequest
+    def __init__(self, define_tools: _Optional[_Union[DefineTools, _Mapping]] = ..., execute: _Optional[_Union[Execute, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., file_request: _Optional[_Union[FileRequest, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("token", "python_version", "pid", "runner_version")
@@ -184,7 +203,7 @@ class ResourceStats(_message.Message):
     def __init__(self, cpu_user_seconds: _Optional[float] = ..., cpu_system_seconds: _Optional[float] = ..., max_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteResult(_message.Message):
-    __slots__ = ("exec_id", "has_value", "value", "error", "stdout_dropped_bytes", "stderr_dropped_bytes", "stats", "cancelled")
+    __slots__ = ("exec_id", "has_value", "value", "error", "stdout_dropped_bytes", "stderr_dropped_bytes", "stats", "cancelled", "artifacts_dropped")
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_VALUE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +212,7 @@ class ExecuteResult(_message.Message):
     STDERR_DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     exec_id: str
     has_value: bool
     value: Value
@@ -201,15 +221,18 @@ class ExecuteResult(_message.Message):
     stderr_dropped_bytes: int
     stats: ResourceStats
     cancelled: bool
-    def __init__(self, exec_id: _Optional[str] = ..., has_value: _Optional[bool] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[ExecError, _Mapping]] = ..., stdout_dropped_bytes: _Optional[int] = ..., stderr_dropped_bytes: _Optional[int] = ..., stats: _Optional[_Union[ResourceStats, _Mapping]] = ..., cancelled: _Optional[bool] = ...) -> None: ...
+    artifacts_dropped: int
+    def __init__(self, exec_id: _Optional[str] = ..., has_value: _Optional[bool] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[ExecError, _Mapping]] = ..., stdout_dropped_bytes: _Optional[int] = ..., stderr_dropped_bytes: _Optional[int] = ..., stats: _Optional[_Union[ResourceStats, _Mapping]] = ..., cancelled: _Optional[bool] = ..., artifacts_dropped: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("request_id", "max_bytes")
+    __slots__ = ("request_id", "max_bytes", "include_files")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FILES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     max_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    include_files: bool
+    def __init__(self, request_id: _Optional[str] = ..., max_bytes: _Optional[int] = ..., include_files: _Optional[bool] = ...) -> None: ...
 
 class Skipped(_message.Message):
     __slots__ = ("name", "reason")
@@ -258,3 +281,63 @@ class RestoreResult(_message.Message):
     error: str
     last: bool
     def __init__(self, request_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[_Union[Skipped, _Mapping]]] = ..., error: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class FileRequest(_message.Message):
+    __slots__ = ("request_id", "op", "path", "chunk", "last", "max_bytes", "recursive")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    op: FileOp
+    path: str
+    chunk: bytes
+    last: bool
+    max_bytes: int
+    recursive: bool
+    def __init__(self, request_id: _Optional[str] = ..., op: _Optional[_Union[FileOp, str]] = ..., path: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last: _Optional[bool] = ..., max_bytes: _Optional[int] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("path", "size", "is_dir", "is_symlink")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IS_DIR_FIELD_NUMBER: _ClassVar[int]
+    IS_SYMLINK_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    is_dir: bool
+    is_symlink: bool
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., is_dir: _Optional[bool] = ..., is_symlink: _Optional[bool] = ...) -> None: ...
+
+class FileReply(_message.Message):
+    __slots__ = ("request_id", "chunk", "entries", "last", "error", "error_kind", "truncated")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk: bytes
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    last: bool
+    error: str
+    error_kind: str
+    truncated: bool
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[bytes] = ..., entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., last: _Optional[bool] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("exec_id", "mime_type", "data", "description")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    mime_type: str
+    data: bytes
+    description: str
+    def __init__(self, exec_id: _Optional[str] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., description: _Optional[str] = ...) -> None: ...

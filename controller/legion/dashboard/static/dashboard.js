@@ -2,8 +2,9 @@
 // pushed by the server; nothing here polls). Each "patch" names a list on the
 // page (an element with data-list) and carries items to add or update and
 // keys to remove. New items are copies of the page's <template id="tpl-NAME">
-// elements; every value is set with textContent, .value or a checked href,
-// never parsed as HTML: it came from models and sandboxes.
+// elements; every value is set with textContent, .value, a checked href or a
+// checked data:image/png src, never parsed as HTML: it came from models and
+// sandboxes.
 "use strict";
 
 (function () {
@@ -47,6 +48,19 @@
       }
       for (const input of own(el, '[data-value="' + CSS.escape(name) + '"]')) {
         input.value = value;
+      }
+    }
+    for (const [name, urls] of Object.entries(item.images || {})) {
+      for (const slot of own(el, '[data-images="' + CSS.escape(name) + '"]')) {
+        slot.replaceChildren();
+        for (const url of urls) {
+          if (typeof url === "string" && url.startsWith("data:image/png;base64,")) {
+            const img = document.createElement("img");
+            img.alt = "a figure the code showed";
+            img.src = url;
+            slot.append(img);
+          }
+        }
       }
     }
     for (const [name, path] of Object.entries(item.links || {})) {
