@@ -69,7 +69,9 @@ browser: $(BROWSER_STAMP)
 # shared runtime under gVisor (runsc) when the engine has it.
 GVISOR_SUITE := tests/integration/test_sandbox.py tests/integration/test_agent.py \
 	tests/integration/test_live.py tests/integration/test_snapshot.py \
-	tests/integration/test_subagents.py tests/integration/test_human.py
+	tests/integration/test_subagents.py tests/integration/test_human.py \
+	tests/integration/test_files.py tests/integration/test_artifacts.py \
+	tests/integration/test_run_files.py
 
 test: image environments interop browser
 	@$(PY) -m pytest

@@ -61,28 +61,38 @@ def _parts(path: str) -> list[str]:
     return parts
 
 
+def _open_no_link(name: str, dir_fd: int, flags: int) -> int:
+    """Open ``name`` in ``dir_fd`` unless it is a link. ``O_NOFOLLOW`` alone is
+    not enough: with ``O_DIRECTORY``, gVisor follows a final link anyway. So
+    look first (lstat), open, and check the opened file is the one looked at
+    (a link swapped in meanwhile is caught by its device and inode)."""
+    before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(before.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link")
+    fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.close(fd)
+        raise OSError(errno.ELOOP, "replaced by a link while being opened")
+    return fd
+
+
 def _open_dir(parts: list[str], *, create: bool = False) -> int:
     """A descriptor of the directory ``parts`` below the work directory,
     reached without following any link."""
     fd = os.open(WORK_DIR, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for part in parts:
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            flags = os.O_RDONLY | os.O_DIRECTORY
             try:
-                inner = os.open(part, flags, dir_fd=fd)
+                inner = _open_no_link(part, fd, flags)
             except FileNotFoundError:
                 if not create:
                     raise
                 # Made meanwhile by sandbox code: opened below, links refused.
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
-                inner = os.open(part, flags, dir_fd=fd)
-            except OSError as exc:
-                # O_DIRECTORY on a link to a directory says ENOTDIR on some
-                # kernels: tell a link as a link.
-                if exc.errno == errno.ENOTDIR and _is_link(part, fd):
-                    raise OSError(errno.ELOOP, "a symbolic link") from None
-                raise
+                inner = _open_no_link(part, fd, flags)
             os.close(fd)
             fd = inner
     except BaseException:
@@ -213,7 +223,7 @@ class WorkDir:
             raise FileProblem("not_a_file", "the work directory itself is not a file")
         dir_fd = _open_dir(parts[:-1])
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            fd = _open_no_link(parts[-1], dir_fd, os.O_RDONLY | os.O_NONBLOCK)
         finally:
             os.close(dir_fd)
         try:
@@ -271,9 +281,7 @@ class WorkDir:
             info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISDIR(info.st_mode):
                 if request.recursive:
-                    inner = os.open(
-                        name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd
-                    )
+                    inner = _open_no_link(name, dir_fd, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         _empty(inner)
                     finally:
@@ -300,7 +308,7 @@ def _walk(fd: int, prefix: str, recursive: bool) -> Iterator[pb.FileEntry]:
         )
         if recursive and is_dir:
             try:
-                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                inner = _open_no_link(name, fd, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue
             try:
@@ -315,7 +323,7 @@ def _empty(fd: int) -> None:
         entries = list(found)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            inner = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            inner = _open_no_link(entry.name, fd, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 _empty(inner)
             finally:
