@@ -84,6 +84,10 @@ class AgentInfo:
     """The JSON Schema its answer follows; None when it answers in text."""
     system_prompt: str = ""
     """The system prompt its runs on the server use."""
+    image: str = ""
+    """The sandbox image its code runs in (an environment's name, or a tag)."""
+    packages: list[str] = dataclasses.field(default_factory=list)
+    """``name version`` of each package that image has beyond the standard library."""
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,8 @@ def agent_message(info: AgentInfo) -> pb.AgentInfo:
         tools=info.tools,
         output_schema_json=to_json(info.output_schema) if info.output_schema is not None else "",
         system_prompt=info.system_prompt,
+        image=info.image,
+        packages=info.packages,
     )
 
 
@@ -375,6 +381,8 @@ def agent_info(message: pb.AgentInfo) -> AgentInfo:
         tools=list(message.tools),
         output_schema=_loads(message.output_schema_json, None),
         system_prompt=message.system_prompt,
+        image=message.image,
+        packages=list(message.packages),
     )
 
 

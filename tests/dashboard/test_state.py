@@ -191,3 +191,19 @@ def test_a_step_shows_its_figures_inline_and_only_pngs() -> None:
         templates.render_item(step.template, step.key, fields=step.fields, images=step.images)
     )
     assert f'<img src="data:image/png;base64,{png}"' in html and "<script>" not in html
+
+
+def test_the_agents_page_shows_each_agents_image_and_packages() -> None:
+    from legion.client import AgentInfo
+    from legion.dashboard import pages
+
+    page = str(
+        pages.agents(
+            [
+                AgentInfo("Analyst", "Data.", [], None, "prompt", "data", ["pandas 2.3.3"]),
+                AgentInfo("Echo", "Says.", [], None, "prompt"),
+            ]
+        )
+    )
+    assert "Image: <code>data</code> · packages: <code>pandas 2.3.3</code>" in page
+    assert "packages: <code>the standard library only</code>" in page

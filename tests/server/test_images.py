@@ -35,9 +35,14 @@ async def test_serve_image_for_every_agent_and_per_agent(
     )
     try:
         async with legion.Client(server.address) as client:
-            prompts = {a.name: a.system_prompt for a in await client.list_agents()}
+            agents = {a.name: a for a in await client.list_agents()}
+            prompts = {name: a.system_prompt for name, a in agents.items()}
             assert f"pandas {pandas_pin()}" in prompts["Coder"]
             assert "standard library only" in prompts["Echo"]
+            # The image and its packages are fields of their own (the dashboard shows them).
+            assert agents["Coder"].image == "data"
+            assert f"pandas {pandas_pin()}" in agents["Coder"].packages
+            assert agents["Echo"].image == runner and agents["Echo"].packages == []
             # Coder names no image: it runs in the server's, which has pandas.
             assert (await client.run("Coder", VERSION)).output == pandas_pin()
             # Echo is mapped to the runner's image: no pandas there.

@@ -12,18 +12,22 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("name", "description", "tools", "output_schema_json", "system_prompt")
+    __slots__ = ("name", "description", "tools", "output_schema_json", "system_prompt", "image", "packages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     tools: _containers.RepeatedScalarFieldContainer[str]
     output_schema_json: str
     system_prompt: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., output_schema_json: _Optional[str] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    image: str
+    packages: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., output_schema_json: _Optional[str] = ..., system_prompt: _Optional[str] = ..., image: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "principal")

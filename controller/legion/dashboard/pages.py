@@ -75,6 +75,8 @@ def agents(infos: list[AgentInfo]) -> Safe:
                 description=info.description,
                 tools=", ".join(info.tools) or "none",
                 schema=schema,
+                image=info.image or "the server's default",
+                packages=", ".join(info.packages) or "the standard library only",
                 open=" open" if len(infos) == 1 else "",
                 prompt=info.system_prompt or "(the server sent no system prompt)",
             )

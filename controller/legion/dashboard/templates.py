@@ -356,6 +356,7 @@ AGENT = Template(
     '<section class="agent"><h2 id="agent-$anchor">$name</h2>'
     '<pre class="text">$description</pre>'
     '<p class="meta">Tools: <code>$tools</code> · answer: <code>$schema</code></p>'
+    '<p class="meta">Image: <code>$image</code> · packages: <code>$packages</code></p>'
     "<details$open><summary>System prompt</summary>"
     '<pre class="text prompt">$prompt</pre></details></section>'
 )

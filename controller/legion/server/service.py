@@ -173,13 +173,24 @@ def _describe(
             tools.append(tool.name)
         else:
             tools.extend(f"{tool.name}.{fn}" for fn in tool.definition.functions)
+    image, listed = "", []
     try:
         config = resolve_agent_config(definition.config, dict(run_config), where=f"{name}.config")
+        image = config.image or (runtime.image if runtime is not None else "")
         packages = image_packages(config, runtime)  # the runtime's image, unless it has one
+        listed = [f"{p.name} {p.version}" for p in packages]
         prompt = build_system_prompt(definition, config, packages=packages)
     except LegionError as exc:
         prompt = f"(cannot build the prompt: {exc})"
-    return AgentInfo(name, definition.doc, tools, definition.output_json_schema, prompt)
+    return AgentInfo(
+        name,
+        definition.doc,
+        tools,
+        definition.output_json_schema,
+        prompt,
+        image=image,
+        packages=listed,
+    )
 
 
 async def _abort(
