@@ -307,6 +307,63 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
     run.set_defaults(func=_run)
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    from .server import commands  # noqa: PLC0415
+
+    return commands.mcp(args)
+
+
+def _add_mcp(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mcp = commands.add_parser(
+        "mcp",
+        help="serve a registry of agents as MCP tools (task in, answer out): over stdio, "
+        "or streamable HTTP with --http",
+    )
+    mcp.add_argument(
+        "--agents",
+        required=True,
+        metavar="MODULE:REGISTRY",
+        help="a dict {name: Agent}, a list of Agent classes, or a function returning one",
+    )
+    mcp.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (port 0: any "
+        "free one; loopback only without tokens)",
+    )
+    mcp.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="token file (TOML or JSON): token -> principal; LEGION_TOKENS adds name=token pairs",
+    )
+    mcp.add_argument(
+        "--token",
+        default=os.environ.get("LEGION_SERVER_TOKEN"),
+        help="over stdio with a token table: the token of the principal whose runs these are "
+        "(default: $LEGION_SERVER_TOKEN)",
+    )
+    mcp.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long runs may take to finish before they are cancelled",
+    )
+    mcp.add_argument(
+        "--max-concurrent-runs", type=int, default=4, help="per principal (default: 4)"
+    )
+    mcp.add_argument(
+        "--pool-size", type=int, help="warm sandboxes kept ready (default: $LEGION_POOL_SIZE or 2)"
+    )
+    mcp.add_argument(
+        "--image",
+        action="append",
+        metavar="IMAGE|AGENT=IMAGE",
+        help="the environment sandboxes run in, as for `legion serve`; repeatable",
+    )
+    mcp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    mcp.set_defaults(func=_mcp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.set_defaults(func=_prompt)
     _add_doctor_and_ps(commands)
     _add_serve_and_run(commands)
+    _add_mcp(commands)
     return parser
 
 

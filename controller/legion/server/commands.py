@@ -80,6 +80,48 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def mcp(args: argparse.Namespace) -> int:
+    """``legion mcp``: exit 2 on a bad registry, token or address; 0 after a
+    graceful shutdown (or, over stdio, once the client closes stdin)."""
+    from .mcp_server import MCPSettings, serve_mcp  # noqa: PLC0415 - the SDK only when asked for
+
+    logging.basicConfig(  # stderr always: over stdio, stdout is the protocol
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if args.log_level != "debug":
+        for chatty in ("LiteLLM", "httpx", "httpcore", "mcp", "uvicorn"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        agents = load_registry(args.agents)
+        chosen = images(args.image or [])
+        settings = MCPSettings(
+            http=args.http,
+            authenticator=TokenTable.load(args.tokens),
+            token=args.token,
+            grace_seconds=args.grace_seconds,
+            max_concurrent_runs=args.max_concurrent_runs,
+            pool_size=args.pool_size,
+            image=chosen["image"],
+            agent_images=chosen["agent_images"],
+        )
+    except UsageError as exc:
+        print(f"legion mcp: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+
+    def listening(where: str) -> None:
+        if where != "stdio":  # stdout is the protocol over stdio
+            print(f"legion mcp: listening on {where}", flush=True)
+
+    try:
+        asyncio.run(serve_mcp(agents, settings, on_listening=listening))
+    except UsageError as exc:
+        print(f"legion mcp: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    return 0
+
+
 def images(values: list[str]) -> dict[str, Any]:
     """``--image`` values as ServerSettings fields: ``IMAGE`` is the runtime's,
     ``AGENT=IMAGE`` one agent's."""

@@ -1,0 +1,285 @@
+"""`legion mcp` driven by the official `mcp` SDK's own client, as users would:
+the command as a subprocess, over stdio and over streamable HTTP, against the
+test's fake model. After each server exits, no container it started is left.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import docker
+import httpx2
+import mcp_types as types
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from legion.sandbox.docker_backend import LABEL, OWNER_LABEL
+from legion.testing import FakeOpenAIServer
+
+from .conftest import (
+    REGISTRY,
+    ROOT,
+    ServerProcess,
+    Tokens,
+    _pump,
+    legion_cli,
+    server_env,
+    stop_cleanly,
+    write_token_file,
+)
+
+pytestmark = pytest.mark.docker
+
+LISTENING = re.compile(r"legion mcp: listening on (\S+)")
+SERVING_PID = re.compile(r"event='mcp_serving'.* pid=(\d+)")
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for inner in group.exceptions for leaf in _leaves(inner)]
+    return [group]
+
+
+def text_of(result: types.CallToolResult) -> str:
+    assert result.content, result
+    first = result.content[0]
+    assert isinstance(first, types.TextContent), first
+    return first.text
+
+
+def _containers_of(pid: int) -> list[str]:
+    """Containers (any state) that the `legion mcp` process ``pid`` started
+    (as ServerProcess.containers, for a process the SDK's client started)."""
+    prefix = f"{socket.gethostname()}/{pid}/"
+    client = docker.from_env(timeout=30)
+    try:
+        rows = client.api.containers(all=True, filters={"label": LABEL})
+    finally:
+        client.close()
+    return [r["Id"] for r in rows if r["Labels"].get(OWNER_LABEL, "").startswith(prefix)]
+
+
+@asynccontextmanager
+async def stdio_session(
+    env: dict[str, str], log: Path, *extra: str
+) -> AsyncIterator[ClientSession]:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "legion.cli", "mcp", "--agents", REGISTRY, *extra],
+        env=env,
+        cwd=ROOT,
+    )
+    with log.open("w") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            yield session
+
+
+def _pid_in(log: Path) -> int:
+    found = SERVING_PID.search(log.read_text(errors="replace"))
+    assert found, f"legion mcp never said it was serving: {log.read_text()[-3000:]}"
+    return int(found.group(1))
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        status = Path(f"/proc/{pid}/status")
+        try:
+            if "State:\tZ" in status.read_text():
+                return True
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+async def test_stdio_lists_the_agents_and_runs_them(
+    docker_ready: None, fake_model: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    log = tmp_path / "mcp-stdio.log"
+    async with stdio_session(server_env(fake_model), log) as session:
+        listed = await session.list_tools()
+        tools = {tool.name: tool for tool in listed.tools}
+        assert sorted(tools) == ["Coder", "Counter", "Echo", "Editor", "Keeper"]
+        assert tools["Echo"].description == "Says what it is told."
+        assert tools["Echo"].input_schema["required"] == ["task"]
+
+        said = await session.call_tool("Echo", {"task": "hello over stdio"})
+        assert not said.is_error and text_of(said) == "hello over stdio"
+        # Code runs in a sandbox; the vault of the stdio principal (LOCAL) is empty.
+        computed = await session.call_tool("Coder", {"task": "#code sum(range(10))"})
+        assert not computed.is_error and text_of(computed) == "45"
+        counted = await session.call_tool("Counter", {"task": "#json 7"})
+        assert text_of(counted) == "7"
+        failed = await session.call_tool("Echo", {"task": "#refuse"})
+        assert failed.is_error and text_of(failed).startswith("ModelError")
+        # A conversation-scoped agent answers one run per call.
+        kept = await session.call_tool("Keeper", {"task": "#code x = 5; x * 2"})
+        assert not kept.is_error and text_of(kept) == "10"
+        with pytest.raises(Exception, match="no agent named 'Nobody'"):
+            await session.call_tool("Nobody", {"task": "hi"})
+        with pytest.raises(Exception, match="'task' is a required property"):
+            await session.call_tool("Echo", {"job": "hi"})
+        pid = _pid_in(log)
+    # Closing stdin ends the server: it exits by itself and leaves no container.
+    assert _gone(pid), "legion mcp kept running after its client closed stdin"
+    assert "mcp_stopped" in log.read_text()
+    assert _containers_of(pid) == []
+
+
+async def test_stdio_runs_as_the_principal_of_its_token(
+    docker_ready: None, fake_model: FakeOpenAIServer, tokens: Tokens, tmp_path: Path
+) -> None:
+    token_file = write_token_file(tmp_path, tokens)
+    log = tmp_path / "mcp-stdio-alice.log"
+    env = server_env(fake_model, LEGION_SERVER_TOKEN=tokens.alice)
+    async with stdio_session(env, log, "--tokens", str(token_file)) as session:
+        who = await session.call_tool("Coder", {"task": "#code Profile.user()"})
+        assert text_of(who) == "alice"
+        pid = _pid_in(log)
+    assert _gone(pid)
+    assert _containers_of(pid) == []
+
+
+def test_stdio_refuses_a_wrong_token(fake_model: FakeOpenAIServer, tokens: Tokens, tmp_path: Path):
+    token_file = write_token_file(tmp_path, tokens)
+    env = server_env(fake_model, LEGION_SERVER_TOKEN="not-a-token")
+    done = legion_cli("mcp", "--agents", REGISTRY, "--tokens", str(token_file), env=env)
+    assert done.returncode == 2, done.stderr
+    assert "unknown token" in done.stderr
+    missing = legion_cli(
+        "mcp", "--agents", REGISTRY, "--tokens", str(token_file), env=server_env(fake_model)
+    )
+    assert missing.returncode == 2 and "give --token" in missing.stderr
+
+
+def test_http_refuses_a_public_address_without_tokens(fake_model: FakeOpenAIServer) -> None:
+    done = legion_cli(
+        "mcp", "--agents", REGISTRY, "--http", "0.0.0.0:0", env=server_env(fake_model)
+    )
+    assert done.returncode == 2
+    assert "refusing to serve MCP on 0.0.0.0:0 without tokens" in done.stderr
+
+
+def start_mcp_http(
+    args: list[str], env: dict[str, str], log_dir: Path, *, timeout: float = 90
+) -> ServerProcess:
+    """Start `legion mcp --http ... ARGS` and wait until it says where it listens."""
+    stderr = log_dir / f"mcp-{secrets.token_hex(4)}.log"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "legion.cli", "mcp", "--agents", REGISTRY, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            process.kill()
+            process.wait()
+            pytest.fail(f"legion mcp did not listen within {timeout:g} s: {stderr.read_text()}")
+        if line is None:
+            code = process.wait()
+            pytest.fail(f"legion mcp exited with {code} before listening: {stderr.read_text()}")
+        if found := LISTENING.search(line):
+            return ServerProcess(process, found.group(1), stderr, [line])
+
+
+@asynccontextmanager
+async def http_session(url: str, token: str | None) -> AsyncIterator[ClientSession]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(120)) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+async def test_http_runs_each_caller_as_their_principal_and_refuses_a_wrong_token(
+    docker_ready: None, fake_model: FakeOpenAIServer, tokens: Tokens, tmp_path: Path
+) -> None:
+    token_file = write_token_file(tmp_path, tokens)
+    server = start_mcp_http(
+        ["--http", "127.0.0.1:0", "--tokens", str(token_file), "--grace-seconds", "2"],
+        server_env(fake_model),
+        tmp_path,
+    )
+    try:
+        url = server.address
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/mcp")
+        async with http_session(url, tokens.alice) as alice:
+            listed = await alice.list_tools()
+            assert sorted(t.name for t in listed.tools) == [
+                "Coder",
+                "Counter",
+                "Echo",
+                "Editor",
+                "Keeper",
+            ]
+            said = await alice.call_tool("Echo", {"task": "hello over HTTP"})
+            assert text_of(said) == "hello over HTTP"
+            who = await alice.call_tool("Coder", {"task": "#code Profile.user()"})
+            assert not who.is_error and text_of(who) == "alice"
+        async with http_session(url, tokens.bob) as bob:
+            who = await bob.call_tool("Coder", {"task": "#code Profile.user()"})
+            assert text_of(who) == "bob"
+
+        # A wrong token, or none, never reaches the MCP server: 401 at the door.
+        initialize = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "probe", "version": "0"},
+            },
+        }
+        accept = {"Accept": "application/json, text/event-stream"}
+        async with httpx2.AsyncClient(timeout=30) as raw:
+            for headers in ({"Authorization": "Bearer not-a-token"}, {}):
+                answer = await raw.post(url, json=initialize, headers={**headers, **accept})
+                assert answer.status_code == 401, answer.text
+                assert json.loads(answer.text)["error"] == "invalid_token"
+            allowed = await raw.post(
+                url, json=initialize, headers={"Authorization": f"Bearer {tokens.bob}", **accept}
+            )
+            assert allowed.status_code == 200, allowed.text
+        # The SDK's client, given a wrong token, fails to start its session.
+        with pytest.raises(BaseExceptionGroup) as refused:
+            async with http_session(url, "not-a-token") as wrong:
+                await wrong.list_tools()
+        leaves = _leaves(refused.value)
+        assert leaves and all(isinstance(e, MCPError) for e in leaves), leaves
+        assert "mcp_call_refused" in server.log() and "unknown token" in server.log()
+    finally:
+        stop_cleanly(server)
