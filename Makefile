@@ -12,9 +12,12 @@ NODE_STAMP := tests/interop/node_modules/.legion-installed
 # The dashboard's browser test (tests/dashboard): playwright-core, installed by
 # npm, drives Debian's chromium.
 BROWSER_STAMP := tests/dashboard/node_modules/.legion-installed
+# The MCP reference servers (tests/mcp): server-memory and server-everything,
+# installed by npm and run with node by tests/integration/test_mcp.py.
+MCP_STAMP := tests/mcp/node_modules/.legion-installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test bench image environments protos lint docker setup interop browser clean
+.PHONY: demo test bench image environments protos lint docker setup interop mcp-servers browser clean
 
 $(STAMP): pyproject.toml
 	@echo "make: setting up $(VENV) (Python packages; the first time takes a minute or two)..."
@@ -52,6 +55,9 @@ tests/%/node_modules/.legion-installed: tests/%/package.json tests/%/.npmrc
 interop: $(NODE_STAMP)
 	@true
 
+mcp-servers: $(MCP_STAMP)
+	@true
+
 # Debian's chromium, installed only when it is missing and this is root on Debian.
 browser: $(BROWSER_STAMP)
 	@if [ -x $(CHROMIUM) ]; then \
@@ -73,7 +79,7 @@ GVISOR_SUITE := tests/integration/test_sandbox.py tests/integration/test_agent.p
 	tests/integration/test_files.py tests/integration/test_artifacts.py \
 	tests/integration/test_run_files.py
 
-test: image environments interop browser
+test: image environments interop mcp-servers browser
 	@$(PY) -m pytest
 	@if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then \
 		echo "make: the core integration suite again, every sandbox under gVisor (runsc)..."; \
@@ -97,4 +103,4 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules \
-		tests/dashboard/node_modules
+		tests/dashboard/node_modules tests/mcp/node_modules

@@ -25,6 +25,7 @@ import os as _os
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from . import human, store, telemetry, vault
+from ._mcp_client import MCP
 from .agent import Agent, RunResult, prompt_for, run, run_sync
 from .client import Client, SyncClient
 from .config import AgentConfig, SandboxLimits
@@ -38,6 +39,8 @@ from .errors import (
     LegionError,
     MaxIterationsReached,
     MaxRetriesReached,
+    MCPError,
+    MCPToolError,
     ModelError,
     NotFound,
     PermissionDenied,
@@ -50,6 +53,7 @@ from .errors import (
     SandboxFileError,
     SandboxOOMKilled,
     SandboxStartError,
+    ToolArgumentError,
     Unauthenticated,
     Unavailable,
     UsageError,
@@ -73,6 +77,7 @@ from .tool import Tool, expose
 __version__ = "0.1.0"
 
 __all__ = [
+    "MCP",
     "Agent",
     "AgentConfig",
     "AgentHandle",
@@ -90,6 +95,8 @@ __all__ = [
     "HumanRequestNotFound",
     "ImageNotFound",
     "LegionError",
+    "MCPError",
+    "MCPToolError",
     "MaxIterationsReached",
     "MaxRetriesReached",
     "ModelError",
@@ -112,6 +119,7 @@ __all__ = [
     "SubAgents",
     "SyncClient",
     "Tool",
+    "ToolArgumentError",
     "Unauthenticated",
     "Unavailable",
     "Usage",

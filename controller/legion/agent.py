@@ -27,9 +27,11 @@ import jsonschema
 import pydantic
 
 from . import telemetry
+from . import vault as _vault
 from ._driver import RunDriver, image_packages, prepare
 from ._log import get_logger
 from ._loop import ACTIONS, ALL_ACTIONS, InvalidOutput
+from ._mcp_client import MCP
 from ._results import RunResult
 from .config import AgentConfig, check_config_keys, resolve_agent_config
 from .errors import UsageError
@@ -56,10 +58,30 @@ _ATTRIBUTES = (
 
 @dataclass(frozen=True)
 class AgentTool:
+    """One of an agent's tools: what sandbox code calls, and what the model reads.
+
+    An MCP server's are learnt from the server, when it is first connected
+    (:func:`resolve_tools`, before a run); until then reading them connects.
+    """
+
     name: str
     tool: Any
-    definition: ToolDef
-    source: str
+    resolved_definition: ToolDef | None
+    resolved_source: str | None
+
+    @property
+    def definition(self) -> ToolDef:
+        if self.resolved_definition is not None:
+            return self.resolved_definition
+        definition: ToolDef = self.tool.tool_def()
+        return definition
+
+    @property
+    def source(self) -> str:
+        if self.resolved_source is not None:
+            return self.resolved_source
+        source: str = self.tool.source()
+        return source
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,11 @@ def _tools_of(cls: type, tool_config: dict[str, dict[str, Any]]) -> tuple[AgentT
     name = cls.__name__
     tools = []
     for tool in _attribute(cls, "tools") or ():
+        if isinstance(tool, MCP):  # its tools are learnt from the server, before a run
+            if tool_config.get(tool.name):
+                raise UsageError(f"{name}.tool_config: MCP server {tool.name} takes no options")
+            tools.append(AgentTool(tool.name, tool, None, None))
+            continue
         try:
             definition = to_tool_def(tool, tool_config.get(tool_name(tool)))
         except UsageError as exc:
@@ -230,6 +257,17 @@ class Agent:
         )
 
 
+async def resolve_tools(
+    definition: AgentDefinition, vault: Mapping[str, Any] | None = None
+) -> None:
+    """Connect the agent's MCP servers (with ``vault``'s credentials) and learn
+    their tools, so that the prompt and the sandbox need not wait for them."""
+    pending = [t.tool for t in definition.tools if isinstance(t.tool, MCP) and not t.tool.resolved]
+    if pending:
+        with _vault.bind(vault or {}):
+            await asyncio.gather(*(server.resolve() for server in pending))
+
+
 def definition_of(agent: type[Agent]) -> AgentDefinition:
     if not (isinstance(agent, type) and issubclass(agent, Agent)):
         raise UsageError(f"{agent!r} is not a legion.Agent subclass")
@@ -282,6 +320,7 @@ async def run(
             "binding_scope='conversation' keeps variables across the calls of a "
             "long-lived agent (legion.start); a single run uses 'turn' (default) or 'iteration'"
         )
+    await resolve_tools(definition, vault)
     driver = RunDriver(definition, config, task, llm=llm, vault=vault, runtime=runtime, files=files)
     with telemetry.run_context(driver.run_id, parent_run_id):
         return await driver.drive()

@@ -7,6 +7,9 @@ The tree::
     ├── VaultKeyError            a tool asked the vault for a key the caller did not bind
     ├── HumanRequestNotFound     no human request with that ref is waiting for an answer
     ├── ConversationError        a long-lived agent cannot take the turn (stopped, unknown id)
+    ├── MCPError                 an MCP server could not be started, reached or listed; names it
+    │   └── MCPToolError         the server answered a tool call with an error (``isError``)
+    ├── ToolArgumentError        a tool call's arguments do not fit the tool's schema
     ├── RemoteError              a controller (`legion serve`) refused a call; ``code``: the status
     │   ├── NotFound             no such agent, conversation, run or human request
     │   ├── Unauthenticated      no token, or one the server does not know
@@ -168,6 +171,22 @@ class HumanRequestNotFound(LegionError, LookupError):
 class ConversationError(LegionError):
     """A long-lived agent cannot take the turn: it was stopped, or no
     conversation with that id is stored."""
+
+
+class MCPError(LegionError):
+    """An MCP server could not be started, reached or listed, or it died
+    during a call. The message names the server (and, for a stdio server,
+    ends with its last stderr lines)."""
+
+
+class MCPToolError(MCPError):
+    """An MCP server answered a tool call with an error (``isError``, or a
+    JSON-RPC error); the message is the server's."""
+
+
+class ToolArgumentError(LegionError, TypeError):
+    """A tool call's arguments do not fit the tool's schema; the message
+    names the parameter. Sandbox code sees it as ``ToolArgumentError``."""
 
 
 class RemoteError(LegionError):

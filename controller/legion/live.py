@@ -40,7 +40,7 @@ from . import human, telemetry
 from ._driver import RunDriver, new_sandbox, prepare
 from ._log import get_logger
 from ._results import RunResult
-from .agent import Agent, AgentDefinition, definition_of
+from .agent import Agent, AgentDefinition, definition_of, resolve_tools
 from .config import AgentConfig
 from .errors import ConversationError, SandboxError, UsageError
 from .models import Model
@@ -311,6 +311,7 @@ class AgentHandle:
             await asyncio.shield(self._reclaiming)
         keeps_bindings = self.config.binding_scope == "conversation"
         note = ""
+        await resolve_tools(self.definition, self._vault)
         if keeps_bindings and self._sandbox is None and self._record.snapshot:
             note = await self._restore()
         driver = RunDriver(

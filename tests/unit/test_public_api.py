@@ -14,6 +14,8 @@ PUBLIC = [
     # sandboxes
     "Artifact", "ExecError", "ExecResult", "FileInfo", "ResourceStats", "Sandbox",
     "SandboxLimits", "SandboxRuntime",
+    # MCP servers as a tool source
+    "MCP", "MCPError", "MCPToolError", "ToolArgumentError",
     # errors
     "BackendError", "BackendUnavailable", "ConversationError", "DockerUnavailable",
     "HumanRequestNotFound", "SandboxFileError",

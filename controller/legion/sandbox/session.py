@@ -27,13 +27,14 @@ from ..errors import (
     SandboxFileError,
     SandboxOOMKilled,
     SnapshotError,
+    UsageError,
 )
 from . import _codec, files
 from ._output import OutputFeed, OutputHandler
 from .channel import ENVELOPE_BYTES
 from .files import SandboxFiles
 from .runtime import Lease, SandboxRuntime, default_runtime
-from .tools import ToolDef, ToolDispatcher, toolset
+from .tools import ToolDef, ToolDispatcher, is_tool_source, toolset
 
 log = get_logger("legion.sandbox")
 
@@ -357,7 +358,13 @@ class Sandbox:
         agent: str | None = None,
         image: str | None = None,
     ) -> None:
+        tools = list(tools)
         self.tools: dict[str, ToolDef] = toolset(tools)
+        self._sources = [t for t in tools if is_tool_source(t) and t.resolved is None]
+        """Tool sources (MCP servers) whose tools are learnt at start."""
+        names = [t.name for t in self._sources] + list(self.tools)
+        if len(set(names)) != len(names):
+            raise UsageError(f"two tools share a name in {names}; tool names must be unique")
         self.image = image
         """The environment (``"data"``) or image reference its containers start
         from; None: the runtime's (``legion image build --recipe data`` builds one)."""
@@ -393,6 +400,16 @@ class Sandbox:
             raise SandboxClosed("this Sandbox is closed; create a new one")
         if self._runtime is None:
             self._runtime = await default_runtime()
+        if self._sources:
+            with _vault.bind(self._vault):
+                resolved = await asyncio.gather(*(source.resolve() for source in self._sources))
+            for definition in resolved:
+                if definition.name in self.tools:
+                    raise UsageError(
+                        f"two tools are named {definition.name!r}; tool names must be unique"
+                    )
+                self.tools[definition.name] = definition
+            self._sources = []
         if self._lease is None:
             lease = await self._runtime.acquire(self._limits, agent=self._agent, image=self.image)
             await self._attach(lease)

@@ -188,10 +188,23 @@ def tool_from(obj: Any, *, name: str | None = None) -> ToolDef:
     )
 
 
+def is_tool_source(obj: Any) -> bool:
+    """Whether ``obj`` learns its tools when connected (an MCP server): it has
+    ``name``, ``resolved`` (a ToolDef, or None until then) and ``async resolve()``."""
+    return bool(getattr(type(obj), "__legion_tool_source__", False))
+
+
 def toolset(tools: Iterable[Any]) -> dict[str, ToolDef]:
+    """ToolDefs by name; a tool source not yet connected is left out (its
+    owner resolves it, e.g. ``Sandbox.start``)."""
     out: dict[str, ToolDef] = {}
     for obj in tools:
-        tool = tool_from(obj)
+        if is_tool_source(obj):
+            if obj.resolved is None:
+                continue
+            tool = obj.resolved
+        else:
+            tool = tool_from(obj)
         if tool.name in out:
             raise UsageError(f"two tools are named {tool.name!r}; tool names must be unique")
         out[tool.name] = tool
