@@ -5,10 +5,12 @@ test's fake model. After each server exits, no container it started is left.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -281,5 +283,33 @@ async def test_http_runs_each_caller_as_their_principal_and_refuses_a_wrong_toke
         leaves = _leaves(refused.value)
         assert leaves and all(isinstance(e, MCPError) for e in leaves), leaves
         assert "mcp_call_refused" in server.log() and "unknown token" in server.log()
+    finally:
+        stop_cleanly(server)
+
+
+async def test_http_limits_runs_per_principal_and_drains_on_sigterm(
+    docker_ready: None, fake_model: FakeOpenAIServer, tokens: Tokens, tmp_path: Path
+) -> None:
+    token_file = write_token_file(tmp_path, tokens)
+    server = start_mcp_http(
+        ["--http", "127.0.0.1:0", "--tokens", str(token_file), "--grace-seconds", "1"],
+        server_env(fake_model),
+        tmp_path,
+    )
+    try:
+        async with http_session(server.address, tokens.carol) as carol:
+            slow = asyncio.ensure_future(
+                carol.call_tool("Coder", {"task": "#code import time; time.sleep(120)"})
+            )
+            deadline = time.monotonic() + 60
+            while not _containers_of(server.pid):  # the run's sandbox is up
+                assert time.monotonic() < deadline, server.log()[-3000:]
+                await asyncio.sleep(0.2)
+            # carol may have one run in flight.
+            second = await carol.call_tool("Echo", {"task": "and another"})
+            assert second.is_error and "carol already has 1 runs in flight" in text_of(second)
+            server.process.send_signal(signal.SIGTERM)
+            cut = await asyncio.wait_for(slow, 60)
+            assert cut.is_error and "shutting down" in text_of(cut)
     finally:
         stop_cleanly(server)
