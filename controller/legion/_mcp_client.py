@@ -177,9 +177,12 @@ class _Connection:
                 stdio_client,
             )
 
-            # A real file: the server process writes its stderr straight into it.
-            stderr = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115
-            self._stderr = stack.enter_context(stderr)
+            # A real file: the server process writes its stderr straight into
+            # it. Kept open past the session, so an error can quote its end.
+            if self._stderr is None:
+                self._stderr = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+                    "w+", encoding="utf-8", errors="replace"
+                )
             params = StdioServerParameters(
                 command=server.command, args=list(server.args), env=self.env or None, cwd=server.cwd
             )
@@ -220,16 +223,20 @@ class _Connection:
         if self._closing is not None:
             self._closing.set()
         task = self._task
-        if task is not None and not task.done():
-            try:
-                async with asyncio.timeout(10):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-            except BaseException:  # its failure was already reported to its caller
-                return
+        try:
+            if task is not None and not task.done():
+                try:
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                except BaseException:  # its failure was already reported to its caller
+                    return
+        finally:
+            if self._stderr is not None:
+                self._stderr.close()
 
 
 def _describe(exc: BaseException) -> str:
@@ -571,6 +578,9 @@ class MCP:
 def _name_from(target: str, args: Sequence[str]) -> str:
     """A namespace from the server's package or program: ``Memory`` for
     ``@modelcontextprotocol/server-memory``, ``Git`` for ``mcp-server-git``."""
+    launchers = {"node", "npx", "python", "python3", "uv", "uvx", "deno", "bun", "sh", "bash"}
+    if os.path.basename(target) not in launchers:
+        args = ()
     candidates = [a for a in args if not a.startswith("-")] or [target]
     parts = [re.sub(r"\.(js|mjs|cjs|py)$", "", p) for p in candidates[0].split("/") if p]
     generic = {"index", "main", "cli", "dist", "build", "lib", "src", "bin", "server", "mcp"}
