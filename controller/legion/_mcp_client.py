@@ -27,7 +27,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from . import vault as _vault
 from ._log import get_logger
@@ -104,7 +104,7 @@ class _Connection:
         self._ready: asyncio.Future[None] | None = None
         self._closing: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stderr: IO[str] | None = None
+        self._stderr: TextIO | None = None
         self.tools: list[Any] = []
 
     @property

@@ -81,7 +81,7 @@ def _prompt(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from . import doctor  # noqa: PLC0415
 
-    return doctor.main()
+    return doctor.main(agents=args.agents)
 
 
 def _age(seconds: float) -> str:
@@ -192,6 +192,11 @@ def _add_doctor_and_ps(commands: argparse._SubParsersAction[argparse.ArgumentPar
     doctor = commands.add_parser(
         "doctor",
         help="check that this machine can run sandboxes; print the fix for each problem",
+    )
+    doctor.add_argument(
+        "--agents",
+        metavar="MODULE:REGISTRY",
+        help="also connect to every MCP server these agents use and list its tools",
     )
     doctor.set_defaults(func=_doctor)
     ps = commands.add_parser(

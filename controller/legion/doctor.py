@@ -519,9 +519,51 @@ def render_summary(checks: list[Check], out: TextIO) -> None:
         print(f"legion doctor: this machine can run Legion sandboxes{note}", file=out)
 
 
-def main(out: TextIO | None = None, progress: Progress = _say) -> int:
-    """Print the checks; 0 when none failed (warnings allowed), else 1."""
+async def mcp_checks(
+    agents: dict[str, Any], on_check: Callable[[Check], None] | None = None
+) -> list[Check]:
+    """One check per MCP server the agents use: connect, and list its tools
+    as sandbox code will call them, or say why it cannot."""
+    from ._mcp_client import MCP  # noqa: PLC0415 - only when a registry is given
+    from .agent import definition_of  # noqa: PLC0415
+
+    servers: dict[int, tuple[MCP, list[str]]] = {}
+    for name, agent in agents.items():
+        for tool in definition_of(agent).tools:
+            if isinstance(tool.tool, MCP):
+                servers.setdefault(id(tool.tool), (tool.tool, []))[1].append(name)
+    checks = []
+    for server, users in servers.values():
+        label = f"MCP {server.name}"
+        try:
+            stubs = await server.list_tools()
+            found = f"{len(stubs)} tools for {', '.join(users)}: " + ", ".join(
+                f"{server.name}.{s.name}" for s in stubs
+            )
+            check = Check(label, "ok", found)
+        except Exception as exc:  # any failure is the finding
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            rest = "\n".join(str(exc).splitlines()[1:])
+            check = Check(label, "FAIL", f"cannot list its tools: {first}", rest or "")
+        finally:
+            await server.close()
+        checks.append(check)
+        if on_check is not None:
+            on_check(check)
+    return checks
+
+
+def main(out: TextIO | None = None, progress: Progress = _say, agents: str | None = None) -> int:
+    """Print the checks; 0 when none failed (warnings allowed), else 1.
+
+    ``agents`` (``module:registry``): also connect to every MCP server those
+    agents use and list its tools."""
     out = out or sys.stdout
     checks = asyncio.run(diagnose(progress, lambda check: render_check(check, out)))
+    if agents:
+        from .server.app import load_registry  # noqa: PLC0415
+
+        registry = load_registry(agents)
+        checks += asyncio.run(mcp_checks(registry, lambda check: render_check(check, out)))
     render_summary(checks, out)
     return 1 if any(c.status == "FAIL" for c in checks) else 0

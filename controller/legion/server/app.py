@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from .._log import get_logger
+from .._mcp_client import close_all_sessions
 from .._net import is_loopback_host
 from .._proto import controller_pb2_grpc as pb_grpc
 from ..agent import Agent, definition_of
@@ -388,6 +389,7 @@ class ControllerServer:
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
         await self._close_runtime()
+        await close_all_sessions()  # the MCP servers' sessions (their stdio processes)
         if self._store is not None:
             self._store.close()
         self._stopped.set()
