@@ -43,6 +43,8 @@ def test_bench_smoke_writes_results(docker_ready: None, tmp_path: Path) -> None:
         "agent_iteration_1_agent",
         "runsc_exec_with_tool_call",
         "live_output_delay",
+        "mcp_call_host_direct",
+        "mcp_call_from_sandbox",
         "data_cold_start",
         "data_first_run_cold",
         "data_first_run_warm",
@@ -51,6 +53,7 @@ def test_bench_smoke_writes_results(docker_ready: None, tmp_path: Path) -> None:
         assert results["measures"][measure]["n"] >= 1, measure
         assert results["measures"][measure]["p50_ms"] > 0, measure
     assert results["measures"]["idle_memory_mib"] > 0
+    assert "overhead_p50_ms" in results["measures"]["mcp_call_from_sandbox"]
     assert results["measures"]["rates"]["single-use sandboxes per second"] > 0
     peers = results["peers"]
     assert peers["unavailable"] == {}, peers["unavailable"]
