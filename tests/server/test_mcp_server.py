@@ -313,3 +313,48 @@ async def test_http_limits_runs_per_principal_and_drains_on_sigterm(
             assert cut.is_error and "shutting down" in text_of(cut)
     finally:
         stop_cleanly(server)
+
+
+def _processes_marked(mark: str, *, wait: float = 0) -> list[int]:
+    """Live processes with LEGION_TEST_MARK=mark in their environment (waiting
+    up to ``wait`` seconds for there to be none)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                marked = f"LEGION_TEST_MARK={mark}".encode() in environ.read_bytes()
+                if marked and "State:\tZ" not in (environ.parent / "status").read_text():
+                    found.append(int(environ.parent.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+async def test_an_agents_own_mcp_server_is_closed_when_legion_mcp_exits(
+    docker_ready: None, fake_model: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    mark = secrets.token_hex(8)
+    log = tmp_path / "mcp-relay.log"
+    env = server_env(fake_model, LEGION_TEST_MARK=mark)
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "legion.cli", "mcp", "--agents", "tests.server.mcp_agents:REGISTRY"],
+        env=env,
+        cwd=ROOT,
+    )
+    with log.open("w") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            said = await session.call_tool("Relay", {"task": "#code Echo.echo(text='relayed')"})
+            assert not said.is_error and text_of(said) == "relayed"
+            assert _processes_marked(mark), "the agent's MCP server is not running"
+            pid = _pid_in(log)
+    assert _gone(pid)
+    assert _processes_marked(mark, wait=10) == [], "legion mcp left its agent's MCP server"
+    assert _containers_of(pid) == []

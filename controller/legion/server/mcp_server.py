@@ -54,6 +54,7 @@ from mcp.shared.exceptions import MCPError
 from .. import vault as _vault
 from .._api_codec import to_json
 from .._log import get_logger
+from .._mcp_client import close_all_sessions
 from .._net import is_loopback_host
 from .._results import RunResult
 from ..agent import Agent, definition_of
@@ -493,6 +494,7 @@ async def serve_mcp(
         if sock is not None:
             sock.close()
         await runtime.aclose()
+        await close_all_sessions()  # the agents' own MCP servers (their stdio processes)
         log.info("mcp_stopped")
 
 
