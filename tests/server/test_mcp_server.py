@@ -358,3 +358,35 @@ async def test_an_agents_own_mcp_server_is_closed_when_legion_mcp_exits(
     assert _gone(pid)
     assert _processes_marked(mark, wait=10) == [], "legion mcp left its agent's MCP server"
     assert _containers_of(pid) == []
+
+
+def test_stdio_exits_cleanly_on_sigterm(
+    docker_ready: None, fake_model: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    log = tmp_path / "mcp-sigterm.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "legion.cli", "mcp", "--agents", REGISTRY],
+            cwd=ROOT,
+            env=server_env(fake_model, LEGION_POOL_SIZE="1"),  # a warm container to remove
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not SERVING_PID.search(log.read_text(errors="replace")):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        warm_deadline = time.monotonic() + 60
+        while not _containers_of(process.pid) and time.monotonic() < warm_deadline:
+            time.sleep(0.2)
+        assert _containers_of(process.pid), "the warm pool never started a container"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert _containers_of(process.pid) == []

@@ -38,7 +38,7 @@ import re
 import signal
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -506,7 +506,7 @@ async def _serve_stdio(
     on_listening: Callable[[str], None] | None,
 ) -> None:
     server = tools.server(lambda _ctx: principal)
-    async with stdio_server() as (read, write):
+    async with _stdio_wire() as (streams, end_input), stdio_server(*streams) as (read, write):
         serving = asyncio.ensure_future(
             server.run(read, write, server.create_initialization_options())
         )
@@ -518,11 +518,89 @@ async def _serve_stdio(
         # A signal: runs get their grace. The client closed stdin: nobody waits
         # for their answers any more.
         await tools.drain(settings.grace_seconds if stop.is_set() else 0)
-        for task in (serving, stopping):
-            task.cancel()
+        stopping.cancel()
+        if not serving.done():  # a signal: end the input as a client closing stdin would
+            end_input()
+            await asyncio.wait({serving}, timeout=5)
+        serving.cancel()
         await asyncio.wait({serving, stopping})
         if not serving.cancelled() and serving.exception() is not None:
             log.error("mcp_stdio_failed", error=repr(serving.exception()))
+
+
+class _PipeLines:
+    """The client's lines, read on the event loop: a signal can stop the
+    server at once (the SDK's own stdin reader is a thread blocked in read(),
+    which nothing interrupts until the client writes or closes)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _PipeLines:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await self._reader.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+
+class _PipeWriter:
+    """What the SDK's stdout writer needs: ``write`` and ``flush``, on the loop."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def write(self, text: str) -> None:
+        self._writer.write(text.encode("utf-8"))
+
+    async def flush(self) -> None:
+        await self._writer.drain()
+
+
+MAX_LINE = 64 * 1024 * 1024
+"""The longest message line read from the client."""
+
+
+@contextlib.asynccontextmanager
+async def _stdio_wire() -> AsyncIterator[tuple[tuple[Any, Any], Callable[[], None]]]:
+    """The process's stdin and stdout as streams for ``stdio_server``, with fd 0
+    on the null device and fd 1 on stderr meanwhile (stray output from
+    libraries or children must not reach the wire), and a function that ends
+    the input. ``(None, None)`` (the SDK's own streams) when stdin is not a
+    pipe, socket or terminal; the input then ends only with the client's."""
+    loop = asyncio.get_running_loop()
+    saved = os.dup(0), os.dup(1)
+    wire_in, wire_out = os.fdopen(os.dup(0), "rb", buffering=0), os.fdopen(os.dup(1), "wb", 0)
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    try:
+        read_pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), wire_in
+        )
+        write_pipe, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, wire_out
+        )
+    except (ValueError, OSError):  # e.g. stdin redirected from a regular file
+        wire_in.close()
+        wire_out.close()
+        for fd in saved:
+            os.close(fd)
+        yield (None, None), lambda: None
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    writer = asyncio.StreamWriter(write_pipe, protocol, None, loop)
+    try:
+        yield (_PipeLines(reader), _PipeWriter(writer)), reader.feed_eof
+    finally:
+        read_pipe.close()
+        write_pipe.close()
+        for fd, saved_fd in enumerate(saved):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 async def _serve_http(
