@@ -347,6 +347,11 @@ def _add_mcp(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="over stdio with a token table: the token of the principal whose runs these are "
         "(default: $LEGION_SERVER_TOKEN)",
     )
+    mcp.add_argument("--tls-cert", metavar="PEM", help="with --http: serve HTTPS with this chain")
+    mcp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    mcp.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
     mcp.add_argument(
         "--grace-seconds",
         type=float,

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -390,3 +391,54 @@ def test_stdio_exits_cleanly_on_sigterm(
             process.kill()
             process.wait()
     assert _containers_of(process.pid) == []
+
+
+async def test_https_with_client_certificates(
+    docker_ready: None, fake_model: FakeOpenAIServer, tokens: Tokens, tmp_path: Path
+) -> None:
+    from .test_serve import _certificate, _key, _pem_key
+
+    ca_key, server_key, client_key = _key(), _key(), _key()
+    files = {
+        "ca.pem": _certificate("Legion test CA", ca_key, ca=True),
+        "server.pem": _certificate("legion mcp", server_key, ("Legion test CA", ca_key)),
+        "server.key": _pem_key(server_key),
+        "client.pem": _certificate("a client", client_key, ("Legion test CA", ca_key)),
+        "client.key": _pem_key(client_key),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    token_file = write_token_file(tmp_path, tokens)
+    server = start_mcp_http(
+        [
+            *("--http", "127.0.0.1:0", "--tokens", str(token_file)),
+            *("--tls-cert", str(tmp_path / "server.pem")),
+            *("--tls-key", str(tmp_path / "server.key")),
+            *("--tls-client-ca", str(tmp_path / "ca.pem")),
+        ],
+        server_env(fake_model),
+        tmp_path,
+    )
+    try:
+        url = server.address
+        assert url.startswith("https://127.0.0.1:"), url
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        trusted.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        headers = {"Authorization": f"Bearer {tokens.alice}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, verify=trusted, timeout=60) as http,
+            streamable_http_client(url, http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            said = await session.call_tool("Echo", {"task": "hello over HTTPS"})
+            assert text_of(said) == "hello over HTTPS"
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+        no_client_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        for why, verify in (("no client certificate", no_client_cert), ("plaintext", True)):
+            target = url if why != "plaintext" else url.replace("https://", "http://")
+            async with httpx2.AsyncClient(headers=headers, verify=verify, timeout=30) as raw:
+                with pytest.raises(httpx2.TransportError):
+                    await raw.post(target, json=initialize)
+    finally:
+        stop_cleanly(server)

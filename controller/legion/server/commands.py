@@ -105,6 +105,9 @@ def mcp(args: argparse.Namespace) -> int:
             pool_size=args.pool_size,
             image=chosen["image"],
             agent_images=chosen["agent_images"],
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
         )
     except UsageError as exc:
         print(f"legion mcp: {exc}", file=sys.stderr)

@@ -37,9 +37,11 @@ import os
 import re
 import signal
 import socket
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -113,8 +115,19 @@ class MCPSettings:
     """Warm sandboxes kept ready (None: ``LEGION_POOL_SIZE``, or 2)."""
     image: str | None = None
     """The runtime's image (None: ``LEGION_IMAGE``, else the runner's own)."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with ``tls_key``, HTTP is HTTPS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: HTTPS clients must present a certificate it signed."""
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UsageError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise UsageError("--tls-client-ca needs TLS on: give --tls-cert and --tls-key too")
+        if self.tls_cert is not None and self.http is None:
+            raise UsageError("TLS is for --http; stdio needs none")
         if self.grace_seconds < 0:
             raise UsageError("grace_seconds must be >= 0")
         if self.max_concurrent_runs < 1:
@@ -436,11 +449,33 @@ def _bind(address: str) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket, address: str) -> str:
+def _url(sock: socket.socket, address: str, *, tls: bool) -> str:
     host, _ = _split(address, "--http")
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}{MCP_PATH}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}{MCP_PATH}"
+
+
+def _tls_options(settings: MCPSettings) -> dict[str, Any]:
+    """Uvicorn's TLS settings, after loading the files once here (a bad file
+    is a usage error at start, not a failure inside the web server)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return {}
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca is not None:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load a TLS file: {exc}") from None
+    options: dict[str, Any] = {
+        "ssl_certfile": str(settings.tls_cert),
+        "ssl_keyfile": str(settings.tls_key),
+    }
+    if settings.tls_client_ca is not None:
+        options["ssl_ca_certs"] = str(settings.tls_client_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
 
 
 # --- serving -----------------------------------------------------------------------------
@@ -466,6 +501,7 @@ async def serve_mcp(
         if found is None:
             raise UsageError("--token is not in the token table (unknown token)")
         stdio_principal = found
+    tls = _tls_options(settings)
     sock = _bind(settings.http) if settings.http is not None else None
     runtime = SandboxRuntime(pool_size=settings.pool_size, image=settings.image)
     tools: AgentTools | None = None
@@ -484,7 +520,7 @@ async def serve_mcp(
         )
         await runtime.start()
         if sock is not None and settings.http is not None:
-            await _serve_http(tools, settings, sock, stop, on_listening)
+            await _serve_http(tools, settings, sock, stop, on_listening, tls=tls)
         else:
             await _serve_stdio(tools, settings, stdio_principal, stop, on_listening)
     finally:
@@ -609,6 +645,8 @@ async def _serve_http(
     sock: socket.socket,
     stop: asyncio.Event,
     on_listening: Callable[[str], None] | None,
+    *,
+    tls: dict[str, Any],
 ) -> None:
     assert settings.http is not None
     host, _ = _split(settings.http, "--http")
@@ -627,6 +665,7 @@ async def _serve_http(
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
+        **tls,
     )
     web = _Uvicorn(config)
     serving = asyncio.ensure_future(web.serve(sockets=[sock]))
@@ -637,7 +676,7 @@ async def _serve_http(
         web.should_exit = True
         await serving  # raises what stopped it, if anything did
         raise UsageError(f"cannot serve MCP on {settings.http}: the web server did not start")
-    url = _url(sock, settings.http)
+    url = _url(sock, settings.http, tls=bool(tls))
     log.info(
         "mcp_serving",
         transport="http",
