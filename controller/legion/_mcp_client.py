@@ -33,6 +33,7 @@ from . import vault as _vault
 from ._log import get_logger
 from ._mcp_stubs import ToolStubSpec, stub_for
 from .errors import LegionError, MCPError, MCPToolError, UsageError
+from .sandbox.session import show
 from .sandbox.tools import ToolDef, ToolFunction
 
 __all__ = ["MCP", "close_all_sessions"]
@@ -538,7 +539,8 @@ class MCP:
         doc = (
             f"Tools of the MCP server {self.name}. A tool without a declared return type "
             "returns the server's text as a str (a list when it sends several parts; an "
-            "image or other binary part is a dict describing it). A failed call raises "
+            "image or other binary part is a dict describing it; an image is also shown to "
+            "the user as a picture). A failed call raises "
             "MCPToolError with the server's message; bad arguments raise ToolArgumentError."
         )
         return ToolDef(name=self.name, doc=doc, functions=functions)
@@ -624,7 +626,7 @@ def _key(env: Mapping[str, str], headers: Mapping[str, str]) -> str:
 
 
 def _result_value(label: str, result: Any) -> Any:
-    parts = [_content(part) for part in result.content or ()]
+    parts = [_content(part, label) for part in result.content or ()]
     if result.is_error:
         message = (
             "\n".join(p for p in parts if isinstance(p, str)) or "the server reported an error"
@@ -637,16 +639,29 @@ def _result_value(label: str, result: Any) -> Any:
     return parts[0] if len(parts) == 1 else parts
 
 
-def _content(part: Any) -> Any:
+def _content(part: Any, label: str) -> Any:
     kind = getattr(part, "type", None)
     if kind == "text":
         return part.text
     if kind in ("image", "audio"):
+        shown = False
+        if kind == "image":
+            try:
+                data = base64.b64decode(part.data, validate=True)
+            except (ValueError, TypeError):
+                data = b""
+            shown = bool(data) and show(part.mime_type, data, f"an image from {label}")
+        note = (
+            "shown to the user as an artifact of this run; its bytes stay on the host"
+            if shown
+            else f"binary {kind} content, not passed into the sandbox"
+        )
         return {
             "type": kind,
             "mime_type": part.mime_type,
             "bytes": _decoded_size(part.data),
-            "note": f"binary {kind} content, not passed into the sandbox",
+            "shown": shown,
+            "note": note,
         }
     if kind == "resource":
         resource = part.resource

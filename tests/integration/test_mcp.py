@@ -174,6 +174,11 @@ out
     [image] = [p for p in out["image"] if isinstance(p, dict)]
     assert texts and image["type"] == "image" and image["mime_type"] == "image/png"
     assert image["bytes"] > 100
+    # The picture itself is an artifact of the run, shown to the user, never in the sandbox.
+    assert image["shown"] is True
+    [picture] = [a for a in result.artifacts if a.description.startswith("an image from")]
+    assert picture.mime_type == "image/png" and len(picture.data) == image["bytes"]
+    assert picture.data.startswith(b"\x89PNG")
     assert out["error"][0] == "MCPToolError" and "fetch failed" in out["error"][1]
     assert "location" in out["bad"] and "Paris" in out["bad"]
     assert "did not answer within 2 s" in out["timeout"]

@@ -149,6 +149,21 @@ class Artifact:
         return f"[{self.mime_type}{shape}, {len(self.data):,} bytes{what}]"
 
 
+_shown_to: contextvars.ContextVar[_Execution | None] = contextvars.ContextVar(
+    "legion_shown_to", default=None
+)
+
+
+def show(mime_type: str, data: bytes, description: str = "") -> bool:
+    """From a host tool called by sandbox code: add a picture to the running
+    code's ``ExecResult.artifacts`` (bounded like the code's own figures).
+    False when it was not kept (no code running, or over the bound)."""
+    execution = _shown_to.get()
+    if execution is None or execution.done.done():
+        return False
+    return execution.show(Artifact(mime_type[:100], bytes(data), description[:300]))
+
+
 def png_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR chunk; None when it is not a PNG."""
     if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
@@ -292,13 +307,16 @@ class _Execution:
         self.artifacts_dropped = 0
 
     def add_artifact(self, message: pb.Artifact) -> None:
+        self.show(Artifact(message.mime_type[:100], bytes(message.data), message.description[:300]))
+
+    def show(self, artifact: Artifact) -> bool:
+        """Keep ``artifact`` within the bounds; whether it was kept."""
         kept = sum(len(a.data) for a in self.artifacts)
-        if len(self.artifacts) >= MAX_ARTIFACTS or kept + len(message.data) > MAX_ARTIFACT_BYTES:
+        if len(self.artifacts) >= MAX_ARTIFACTS or kept + len(artifact.data) > MAX_ARTIFACT_BYTES:
             self.artifacts_dropped += 1
-            return
-        self.artifacts.append(
-            Artifact(message.mime_type[:100], bytes(message.data), message.description[:300])
-        )
+            return False
+        self.artifacts.append(artifact)
+        return True
 
     def add_output(self, stream: pb.Stream, data: bytes) -> None:
         buf = self.out.get(stream)
@@ -532,6 +550,8 @@ class Sandbox:
             if self._vault:
                 context.run(_vault._overlay, self._vault)
             execution = self._execution = _Execution(limits.output_limit_bytes, context, feed)
+            # Tool calls of this run (they run in this context) may show pictures.
+            context.run(_shown_to.set, execution)
             lease.connection.send(
                 pb.ControllerMessage(
                     execute=pb.Execute(
