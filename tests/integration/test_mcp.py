@@ -24,6 +24,7 @@ import pytest
 
 import legion
 from legion.testing import ScriptedModel, action
+from tests.conftest import missing
 
 pytestmark = pytest.mark.docker
 
@@ -43,7 +44,7 @@ def free_port() -> int:
 def node() -> str:
     found = shutil.which("node")
     if found is None:
-        pytest.skip("node is not installed (apt-get install nodejs npm)")
+        missing("node is not installed (apt-get install nodejs npm)")
     if not MEMORY.is_file() or not EVERYTHING.is_file():
         pytest.fail(
             "the MCP reference servers are not installed: `make test` installs them "

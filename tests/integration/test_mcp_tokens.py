@@ -22,6 +22,7 @@ import pytest
 
 import legion
 from legion.testing import ScriptedModel, action
+from tests.conftest import missing
 
 pytestmark = pytest.mark.docker
 
@@ -78,7 +79,7 @@ def tokens_read(model: ScriptedModel) -> int:
 async def memory(tmp_path: Path, runtime: legion.SandboxRuntime):  # type: ignore[no-untyped-def]
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed (apt-get install nodejs npm)")
+        missing("node is not installed (apt-get install nodejs npm)")
     if not MEMORY.is_file():
         pytest.fail("server-memory is not installed: `make mcp-servers`", pytrace=False)
     server = legion.MCP.stdio(
