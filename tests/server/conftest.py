@@ -43,7 +43,6 @@ from legion.sandbox.docker_backend import LABEL, OWNER_LABEL
 from legion.testing import FakeOpenAIServer, Reply, action
 
 ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"legion serve: listening on (\S+)")
 REGISTRY = "tests.server.agents:REGISTRY"
 
 
@@ -148,15 +147,22 @@ def legion_cli(
 
 
 def start_server(
-    args: list[str], env: dict[str, str], log_dir: Path, *, timeout: float = 90
+    args: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    timeout: float = 90,
+    command: str = "serve",
 ) -> ServerProcess:
-    """Start `legion serve ARGS` and wait until it says where it listens."""
-    stderr = log_dir / f"serve-{secrets.token_hex(4)}.log"
-    if "--store" not in args:  # never the user's own state directory
+    """Start `legion COMMAND --agents REGISTRY ARGS` (``serve``, or ``mcp``
+    with ``--http``) and wait until it says where it listens."""
+    stderr = log_dir / f"{command}-{secrets.token_hex(4)}.log"
+    if command == "serve" and "--store" not in args:  # never the user's own state directory
         args = [*args, "--store", str(log_dir / f"conversations-{secrets.token_hex(4)}.db")]
+    listening = re.compile(rf"legion {command}: listening on (\S+)")
     with stderr.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "legion.cli", "serve", "--agents", REGISTRY, *args],
+            [sys.executable, "-m", "legion.cli", command, "--agents", REGISTRY, *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -173,12 +179,16 @@ def start_server(
         except queue.Empty:
             process.kill()
             process.wait()
-            pytest.fail(f"legion serve did not listen within {timeout:g} s: {stderr.read_text()}")
+            pytest.fail(
+                f"legion {command} did not listen within {timeout:g} s: {stderr.read_text()}"
+            )
         if line is None:
             code = process.wait()
-            pytest.fail(f"legion serve exited with {code} before listening: {stderr.read_text()}")
+            pytest.fail(
+                f"legion {command} exited with {code} before listening: {stderr.read_text()}"
+            )
         printed.append(line)
-        if found := LISTENING.search(line):
+        if found := listening.search(line):
             return ServerProcess(process, found.group(1), stderr, printed)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import re
 import secrets
 import signal
@@ -15,7 +14,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,16 +36,15 @@ from .conftest import (
     ROOT,
     ServerProcess,
     Tokens,
-    _pump,
     legion_cli,
     server_env,
+    start_server,
     stop_cleanly,
     write_token_file,
 )
 
 pytestmark = pytest.mark.docker
 
-LISTENING = re.compile(r"legion mcp: listening on (\S+)")
 SERVING_PID = re.compile(r"event='mcp_serving'.* pid=(\d+)")
 
 
@@ -187,32 +184,9 @@ def test_http_refuses_a_public_address_without_tokens(fake_model: FakeOpenAIServ
 def start_mcp_http(
     args: list[str], env: dict[str, str], log_dir: Path, *, timeout: float = 90
 ) -> ServerProcess:
-    """Start `legion mcp --http ... ARGS` and wait until it says where it listens."""
-    stderr = log_dir / f"mcp-{secrets.token_hex(4)}.log"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "legion.cli", "mcp", "--agents", REGISTRY, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    assert process.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
-    while True:
-        try:
-            line = lines.get(timeout=timeout)
-        except queue.Empty:
-            process.kill()
-            process.wait()
-            pytest.fail(f"legion mcp did not listen within {timeout:g} s: {stderr.read_text()}")
-        if line is None:
-            code = process.wait()
-            pytest.fail(f"legion mcp exited with {code} before listening: {stderr.read_text()}")
-        if found := LISTENING.search(line):
-            return ServerProcess(process, found.group(1), stderr, [line])
+    """Start `legion mcp --agents REGISTRY ARGS` (with ``--http``) and wait
+    until it says where it listens."""
+    return start_server(args, env, log_dir, timeout=timeout, command="mcp")
 
 
 @asynccontextmanager

@@ -198,15 +198,29 @@ def check_listen(listen: str, *, authenticated: bool) -> None:
         )
 
 
-def check_dashboard(address: str, *, authenticated: bool) -> None:
-    """Refuse a dashboard address other than loopback without tokens."""
-    host, _ = _split(address, "--dashboard")
+def check_loopback_or_tokens(
+    address: str, *, option: str, what: str, could: str, authenticated: bool
+) -> None:
+    """Refuse an HTTP address (``option``'s value) other than loopback when
+    no tokens are configured: anyone who can reach ``what`` ``could`` do so."""
+    host, _ = _split(address, option)
     if not authenticated and not is_loopback_host(host):
         raise UsageError(
-            f"refusing to serve the dashboard on {address} without tokens: anyone who can "
-            "reach it could run agents and answer their questions. Configure tokens "
-            "(--tokens FILE or LEGION_TOKENS), or use a loopback address (127.0.0.1:PORT)"
+            f"refusing to serve {what} on {address} without tokens: anyone who can reach it "
+            f"{could}. Configure tokens (--tokens FILE or LEGION_TOKENS), or use a loopback "
+            "address (127.0.0.1:PORT)"
         )
+
+
+def check_dashboard(address: str, *, authenticated: bool) -> None:
+    """Refuse a dashboard address other than loopback without tokens."""
+    check_loopback_or_tokens(
+        address,
+        option="--dashboard",
+        what="the dashboard",
+        could="could run agents and answer their questions",
+        authenticated=authenticated,
+    )
 
 
 # --- the server ----------------------------------------------------------------------------

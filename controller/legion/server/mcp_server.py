@@ -64,7 +64,7 @@ from ..agent import run as run_agent
 from ..config import resolve_agent_config
 from ..errors import LegionError, UsageError
 from ..sandbox import SandboxRuntime
-from .app import _split
+from .app import _split, check_loopback_or_tokens
 from .auth import LOCAL, Authenticator, Principal
 
 __all__ = ["AgentTools", "MCPSettings", "check_http", "serve_mcp"]
@@ -142,13 +142,13 @@ class MCPSettings:
 
 def check_http(address: str, *, authenticated: bool) -> None:
     """Refuse an HTTP address other than loopback without tokens."""
-    host, _ = _split(address, "--http")
-    if not authenticated and not is_loopback_host(host):
-        raise UsageError(
-            f"refusing to serve MCP on {address} without tokens: anyone who can reach it "
-            "could run agents. Configure tokens (--tokens FILE or LEGION_TOKENS), or use a "
-            "loopback address (127.0.0.1:PORT)"
-        )
+    check_loopback_or_tokens(
+        address,
+        option="--http",
+        what="MCP",
+        could="could run agents",
+        authenticated=authenticated,
+    )
 
 
 # --- the agents as tools ---------------------------------------------------------------
