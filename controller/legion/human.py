@@ -17,13 +17,35 @@ when one is set, handed to the handler of the caller's context:
   (a dashboard, a chat front end...);
 - remotely: the controller's ``Events`` stream carries the request and its
   ``RespondHuman`` call answers it.
+
+Approvals use the same machinery. A tool function marked with
+:func:`requires_approval` (or named in ``tool_config``'s ``approval``) is held
+on the host before each call: an :class:`ApprovalRequest` is published as the
+telemetry event ``tool.approval`` (data: ``ref``, ``agent``, ``tool``,
+``function``, ``args``, ``kwargs``, ``approvers``, ``timeout``) and the
+function runs, once, with those arguments only after an approval arrives:
+
+- embedded: ``with legion.human.approval_handler(fn):`` around the run
+  (``fn`` receives the request and returns True, False or an
+  :class:`ApprovalDecision`, or an awaitable of it);
+- from anywhere in the process: ``legion.human.respond_approval(ref, approved=True)``;
+- remotely: the controller's ``RespondApproval`` call, or the dashboard's
+  humans page.
+
+When the approval names ``approvers``, only a decision by one of those
+principals counts (another raises :class:`legion.PermissionDenied`, and the
+call stays held); with none, the principal whose run made the call decides.
+A refusal raises ``ApprovalRefused`` in the sandbox code and a timeout
+``ApprovalTimeout`` (both ``ToolError``); the model reads why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -34,11 +56,26 @@ from typing import Any
 from . import telemetry
 from ._ctx import bound
 from ._log import get_logger
-from .errors import HumanRequestNotFound, UsageError
+from .errors import HumanRequestNotFound, PermissionDenied, UsageError
 from .sandbox.tools import own_timeout
-from .tool import Tool
+from .tool import Approval, Tool, requires_approval
 
-__all__ = ["Human", "HumanRequest", "handler", "pending", "respond", "run_of"]
+__all__ = [
+    "Approval",
+    "ApprovalDecision",
+    "ApprovalRequest",
+    "Human",
+    "HumanRequest",
+    "approval_handler",
+    "approval_of",
+    "handler",
+    "pending",
+    "pending_approvals",
+    "requires_approval",
+    "respond",
+    "respond_approval",
+    "run_of",
+]
 
 log = get_logger("legion.human")
 
@@ -58,17 +95,58 @@ class HumanRequest:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """One tool call held until a person approves it."""
+
+    ref: str
+    """Pass it to :func:`respond_approval` to decide."""
+    tool: str
+    function: str
+    """Empty when the tool is a plain function."""
+    args: tuple[Any, ...]
+    """The arguments the function runs with when approved, as the code sent them."""
+    kwargs: Mapping[str, Any]
+    approvers: tuple[str, ...]
+    """The principals whose decision counts; empty: the run's own principal."""
+    timeout: float
+    agent: str | None
+    run_id: str | None
+    parent_run_id: str | None
+
+
+@dataclass(frozen=True)
+class ApprovalDecision:
+    """A person's decision on an :class:`ApprovalRequest`."""
+
+    approved: bool
+    reason: str = ""
+    """Shown to the code (and the model) with a refusal."""
+    principal: str | None = None
+    """Who decided; it must be one of the request's ``approvers`` when it names some."""
+
+
 HumanHandler = Callable[[HumanRequest], Any]
 """Receives a request; returns the answer (or an awaitable of it)."""
+ApprovalHandler = Callable[[ApprovalRequest], Any]
+"""Receives an approval request; returns True, False or an
+:class:`ApprovalDecision` (or an awaitable of one)."""
+
+MAX_APPROVAL_ARGS = 64 * 1024
+"""Arguments larger than this (as JSON) are refused without asking: an
+approver must see everything the function would run with."""
 
 _handler: ContextVar[HumanHandler | None] = ContextVar("legion_human_handler", default=None)
+_approval_handler: ContextVar[ApprovalHandler | None] = ContextVar(
+    "legion_approval_handler", default=None
+)
 asking_agent: ContextVar[str | None] = ContextVar("legion_human_agent", default=None)
 """The agent whose code asks (set by the run driver)."""
 
 
 @dataclass
 class _Pending:
-    request: HumanRequest
+    request: HumanRequest | ApprovalRequest
     answer: asyncio.Future[Any]
 
 
@@ -83,15 +161,43 @@ def handler(fn: HumanHandler | None) -> contextlib.AbstractContextManager[HumanH
     return bound(_handler, fn)
 
 
+def approval_handler(
+    fn: ApprovalHandler | None,
+) -> contextlib.AbstractContextManager[ApprovalHandler | None]:
+    """Decide the approval requests of runs started in this block with ``fn``:
+    ``with legion.human.approval_handler(lambda request: request.args[1] < 100): ...``."""
+    if fn is not None and not callable(fn):
+        raise UsageError(f"an approval handler must be callable, not {type(fn).__name__}")
+    return bound(_approval_handler, fn)
+
+
 def pending() -> list[HumanRequest]:
     """The questions waiting for an answer, oldest first."""
-    return [p.request for p in _pending.values()]
+    return [p.request for p in list(_pending.values()) if isinstance(p.request, HumanRequest)]
+
+
+def pending_approvals() -> list[ApprovalRequest]:
+    """The tool calls waiting for an approval, oldest first."""
+    return [p.request for p in list(_pending.values()) if isinstance(p.request, ApprovalRequest)]
 
 
 def run_of(ref: str) -> str | None:
-    """The run that asked the question ``ref`` (None when not waiting)."""
+    """The run that asked the question (or the approval) ``ref``; None when
+    not waiting."""
     waiting = _pending.get(ref)
     return waiting.request.run_id if waiting else None
+
+
+def approval_of(ref: str) -> ApprovalRequest | None:
+    """The approval request ``ref`` while it waits; None otherwise."""
+    waiting = _pending.get(ref)
+    return waiting.request if waiting and isinstance(waiting.request, ApprovalRequest) else None
+
+
+def _not_waiting(what: str, ref: str) -> HumanRequestNotFound:
+    return HumanRequestNotFound(
+        f"no {what} {ref!r} is waiting for an answer (it was answered, timed out, or never asked)"
+    )
 
 
 def respond(ref: str, answer: Any) -> None:
@@ -100,14 +206,47 @@ def respond(ref: str, answer: Any) -> None:
     Raises :class:`legion.HumanRequestNotFound` when no question with that
     ref is waiting (never asked, already answered, or timed out).
     """
+    if approval_of(ref) is not None:
+        raise UsageError(
+            f"{ref!r} is an approval request: decide it with respond_approval(ref, approved=...)"
+        )
     waiting = _pending.pop(ref, None)
     if waiting is None:
-        raise HumanRequestNotFound(
-            f"no human request {ref!r} is waiting for an answer (it was answered, "
-            "timed out, or never asked)"
-        )
+        raise _not_waiting("human request", ref)
     future = waiting.answer
     future.get_loop().call_soon_threadsafe(_settle, future, answer)
+
+
+def respond_approval(
+    ref: str, *, approved: bool, reason: str = "", principal: str | None = None
+) -> None:
+    """Approve (or refuse) the held tool call ``ref``, as ``principal``. Safe
+    from any thread.
+
+    Raises :class:`legion.HumanRequestNotFound` when no approval with that ref
+    is waiting, and :class:`legion.PermissionDenied` when the request names
+    its approvers and ``principal`` is not one of them (the call stays held).
+    """
+    if not isinstance(approved, bool):
+        raise UsageError(f"approved must be True or False, not {approved!r}")
+    if not isinstance(reason, str):
+        raise UsageError(f"reason must be a string, not {type(reason).__name__}")
+    request = approval_of(ref)
+    if request is None:
+        raise _not_waiting("approval request", ref)
+    if request.approvers and principal not in request.approvers:
+        who = f"principal {principal!r}" if principal else "a decision that names no principal"
+        raise PermissionDenied(
+            f"approval {ref!r} of {_label(request.tool, request.function)} is for "
+            f"{', '.join(request.approvers)} to decide, not {who}",
+            code="PERMISSION_DENIED",
+        )
+    waiting = _pending.pop(ref, None)
+    if waiting is None:
+        raise _not_waiting("approval request", ref)
+    decision = ApprovalDecision(approved, reason, principal)
+    future = waiting.answer
+    future.get_loop().call_soon_threadsafe(_settle, future, decision)
 
 
 def _settle(future: asyncio.Future[Any], answer: Any) -> None:
@@ -147,7 +286,13 @@ class Human:
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         _pending[request.ref] = _Pending(request, answer)
         answering = _handler.get()
-        task = asyncio.create_task(_ask_handler(answering, request)) if answering else None
+        task = (
+            asyncio.create_task(
+                _ask_handler(answering, request, functools.partial(respond, request.ref))
+            )
+            if answering
+            else None
+        )
         try:
             telemetry.emit(
                 telemetry.HUMAN_REQUEST,
@@ -169,16 +314,113 @@ class Human:
                 task.cancel()
 
 
-async def _ask_handler(answering: HumanHandler, request: HumanRequest) -> None:
+async def _ask_handler(
+    answering: Callable[[Any], Any],
+    request: HumanRequest | ApprovalRequest,
+    deliver: Callable[[Any], None],
+) -> None:
     try:
         value = answering(request)
         if inspect.isawaitable(value):
             value = await value
+        deliver(value)
     except asyncio.CancelledError:
         raise
+    except HumanRequestNotFound:
+        return  # answered (or timed out) meanwhile
     except Exception as exc:
-        # The question stays open for respond(); the handler's failure is logged.
+        # The request stays open for respond(); the handler's failure is logged.
         log.warning("human_handler_failed", ref=request.ref, error=repr(exc))
-        return
-    with contextlib.suppress(HumanRequestNotFound):
-        respond(request.ref, value)
+
+
+def _decide(ref: str, value: Any) -> None:
+    """An approval handler's return value, as a decision on ``ref``."""
+    if isinstance(value, bool):
+        value = ApprovalDecision(value)
+    if not isinstance(value, ApprovalDecision):
+        raise UsageError(
+            f"an approval handler returns True, False or an ApprovalDecision, not {value!r}"
+        )
+    respond_approval(ref, approved=value.approved, reason=value.reason, principal=value.principal)
+
+
+def _label(tool: str, function: str) -> str:
+    return f"{tool}.{function}" if function else tool
+
+
+async def hold_for_approval(
+    approval: Approval, *, tool: str, function: str, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[str, str] | None:
+    """Hold a tool call until it is approved: None then; else the error type
+    and message the sandbox code gets (the function never runs)."""
+    label = _label(tool, function)
+    try:
+        size = len(json.dumps([args, kwargs]))
+    except (TypeError, ValueError):  # arguments come parsed from JSON; never expected
+        size = MAX_APPROVAL_ARGS + 1
+    if size > MAX_APPROVAL_ARGS:
+        return (
+            "ApprovalRefused",
+            f"{label} needs a person's approval, and its arguments ({size} bytes as JSON) "
+            f"are more than an approver can be shown ({MAX_APPROVAL_ARGS}); pass less",
+        )
+    run_id, parent = telemetry.current_run()
+    request = ApprovalRequest(
+        ref=uuid.uuid4().hex,
+        tool=tool,
+        function=function,
+        args=tuple(args),
+        kwargs=MappingProxyType(dict(kwargs)),
+        approvers=approval.approvers,
+        timeout=approval.timeout,
+        agent=asking_agent.get(),
+        run_id=run_id,
+        parent_run_id=parent,
+    )
+    decision: asyncio.Future[ApprovalDecision] = asyncio.get_running_loop().create_future()
+    _pending[request.ref] = _Pending(request, decision)
+    answering = _approval_handler.get()
+    task = (
+        asyncio.create_task(
+            _ask_handler(answering, request, functools.partial(_decide, request.ref))
+        )
+        if answering
+        else None
+    )
+    who = {"ref": request.ref, "approvers": list(request.approvers)}
+    try:
+        telemetry.emit(
+            telemetry.TOOL_APPROVAL,
+            **who,
+            agent=request.agent,
+            tool=tool,
+            function=function,
+            args=list(args),
+            kwargs=dict(kwargs),
+            timeout=approval.timeout,
+        )
+        try:
+            decided = await asyncio.wait_for(asyncio.shield(decision), approval.timeout)
+        except TimeoutError:
+            telemetry.emit(telemetry.TOOL_APPROVAL_TIMEOUT, **who, timeout=approval.timeout)
+            return (
+                "ApprovalTimeout",
+                f"{label} needs a person's approval and nobody decided within "
+                f"{approval.timeout:g} s; the call did not run",
+            )
+        telemetry.emit(
+            telemetry.TOOL_APPROVAL_DECISION,
+            **who,
+            approved=decided.approved,
+            reason=decided.reason,
+            principal=decided.principal,
+        )
+        if decided.approved:
+            return None
+        by = f" by {decided.principal}" if decided.principal else ""
+        why = f": {decided.reason}" if decided.reason.strip() else ""
+        return ("ApprovalRefused", f"{label} was refused{by}{why}; the call did not run")
+    finally:
+        _pending.pop(request.ref, None)
+        if task is not None and not task.done():
+            task.cancel()

@@ -20,7 +20,8 @@ constants: a name is spelled once.
 When anyone is subscribed, events also carry what a trace shows, as text cut
 to :data:`EXCERPT_CHARS` characters (with a marker saying how much was cut):
 ``run.stop`` the ``output``; ``llm.request`` the ``prompt`` (the last user
-message) and, on ``stop``, the model's ``reply``; ``sandbox.eval.stop`` the
+message) and, on ``stop``, the model's ``reply``; ``llm.delta`` that reply as
+it streams in; ``sandbox.eval.stop`` the
 code's ``stdout``, ``stderr`` and ``value`` (JSON, or the repr); ``tool.call``
 the ``call_id``, the ``args`` and ``kwargs`` as the sandbox sent them (JSON)
 and, on ``stop``, the ``result`` (JSON, or the repr); ``sandbox.output`` what
@@ -67,6 +68,14 @@ subscribed): ``stream`` (``"stdout"`` or ``"stderr"``) and ``text``, one chunk
 cut to :data:`EXCERPT_CHARS`. A ``sandbox.eval``'s chunks come before its stop
 event and, uncut, add up to the ``stdout`` and ``stderr`` its result keeps."""
 
+LLM_DELTA = "llm.delta"
+"""Text of a model reply as it streams in (only while someone is subscribed, and
+only from models that stream: :class:`legion.models.LiteLLMModel`): ``text``,
+the characters that arrived since the previous delta. A request's deltas come
+before its ``llm.request.stop`` and add up to that event's ``reply``: at most
+:data:`EXCERPT_CHARS` characters of text, then (when the reply was longer) one
+last delta with the marker that says how much was cut."""
+
 
 def _span_events(span: str) -> tuple[str, str, str]:
     return f"{span}.start", f"{span}.stop", f"{span}.exception"
@@ -84,6 +93,13 @@ HUMAN_RESPONSE = "human.response"
 """The question ``ref`` was answered."""
 HUMAN_TIMEOUT = "human.timeout"
 """Nobody answered the question ``ref`` within ``timeout`` seconds."""
+TOOL_APPROVAL = "tool.approval"
+"""A tool call waits for a person's approval: ``ref``, ``agent``, ``tool``,
+``function``, ``args``, ``kwargs``, ``approvers``, ``timeout``."""
+TOOL_APPROVAL_DECISION = "tool.approval.decision"
+"""The held call ``ref`` was decided: ``approvers``, ``approved``, ``reason``, ``principal``."""
+TOOL_APPROVAL_TIMEOUT = "tool.approval.timeout"
+"""Nobody decided the held call ``ref`` within ``timeout`` seconds: ``approvers``."""
 
 TURN_START = "turn.start"
 """A long-lived agent's turn begins: ``conversation_id``, ``turn_id``, ``agent``."""
@@ -112,6 +128,7 @@ EVENTS: tuple[str, ...] = (
     LLM_REQUEST_START,
     LLM_REQUEST_STOP,
     LLM_REQUEST_EXCEPTION,
+    LLM_DELTA,
     SANDBOX_EVAL_START,
     SANDBOX_EVAL_STOP,
     SANDBOX_EVAL_EXCEPTION,
@@ -122,6 +139,9 @@ EVENTS: tuple[str, ...] = (
     HUMAN_REQUEST,
     HUMAN_RESPONSE,
     HUMAN_TIMEOUT,
+    TOOL_APPROVAL,
+    TOOL_APPROVAL_DECISION,
+    TOOL_APPROVAL_TIMEOUT,
     TURN_START,
     TURN_RESULT,
     TURN_ERROR,
@@ -172,7 +192,12 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     """``text`` cut to ``limit`` characters, with a marker saying how many were cut."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}\n[... {len(text) - limit} more characters cut ...]"
+    return text[:limit] + cut_marker(len(text) - limit)
+
+
+def cut_marker(cut: int) -> str:
+    """What :func:`excerpt` puts after the text it keeps when ``cut`` characters went."""
+    return f"\n[... {cut} more characters cut ...]"
 
 
 def current_run() -> tuple[str | None, str | None]:

@@ -20,7 +20,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import pydantic
 
@@ -43,6 +43,18 @@ class ToolFunction:
     timeout: float | None = None
     """Seconds a call may take; None: the sandbox's ``tool_timeout_seconds``;
     ``math.inf``: the function keeps its own time (see :func:`own_timeout`)."""
+    approval: ApprovalGate | None = None
+    """Held for a person's approval before each call (``legion.human.requires_approval``)."""
+
+
+class ApprovalGate(Protocol):
+    """What holds a call until a person approves it (``legion.tool.Approval``)."""
+
+    async def hold(
+        self, *, tool: str, function: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[str, str] | None:
+        """None once approved; else the error type and message the code gets."""
+        ...
 
 
 def own_timeout(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,6 +124,7 @@ def _function(name: str, fn: Callable[..., Any], *, label: str) -> ToolFunction:
         is_async=is_async,
         positional=positional,
         timeout=getattr(fn, "__legion_timeout__", None),
+        approval=getattr(fn, "__legion_approval__", None),
     )
 
 
@@ -351,6 +364,13 @@ class ToolDispatcher:
                 raise ValueError("expected a JSON array and a JSON object")
         except ValueError as exc:
             return _error(call.call_id, "ToolArgumentError", f"{label}: malformed arguments: {exc}")
+        if fn.approval is not None:  # held outside the slots: a person may take minutes
+            gate = fn.approval.hold(
+                tool=call.tool, function=call.function, args=args, kwargs=kwargs
+            )
+            withheld = await asyncio.create_task(gate, context=context.copy())
+            if withheld is not None:
+                return _error(call.call_id, *withheld)
         traced = telemetry.active()
         extra = (  # what a trace shows, as the sandbox sent it; skipped when nobody listens
             {
