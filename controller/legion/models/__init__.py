@@ -5,6 +5,12 @@ with a timeout and bounded retries on rate limits, server errors and
 connection failures. litellm is imported on the first request: ``import
 legion`` stays fast and makes no network look-ups.
 
+While someone is subscribed to :mod:`legion.telemetry`, the reply is streamed
+and its text goes out as ``llm.delta`` events as it arrives; the action is
+still parsed from the complete reply, so streaming changes nothing else. A
+provider that refuses to stream is asked again without streaming, and not
+asked to stream again by this process.
+
 Test suites can refuse real vendor requests with
 :func:`legion.testing.forbid_model_requests`; requests to a loopback
 ``api_base`` (such as :class:`legion.testing.FakeOpenAIServer`) stay allowed.
@@ -20,16 +26,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
+from .. import telemetry
 from .._log import get_logger
 from .._net import is_loopback_host
 from .._results import Usage
 from ..errors import ModelError, UsageError
+from ._stream import DeltaFeed
 
 __all__ = ["LiteLLMModel", "Model", "ModelReply", "Usage", "model_override"]
 
 log = get_logger("legion.models")
 
 _requests_allowed = True
+_unstreamable: set[tuple[str, str | None]] = set()
+"""(model, api_base) pairs whose provider refused a streamed request."""
 _overrides: ContextVar[Callable[[str], Model | None] | None] = ContextVar(
     "legion_model_overrides", default=None
 )
@@ -75,7 +85,11 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 class LiteLLMModel:
-    """A model reached through ``litellm.acompletion``."""
+    """A model reached through ``litellm.acompletion``.
+
+    ``timeout`` bounds each attempt as a whole, a streamed reply included.
+    ``stream=False`` never streams (no ``llm.delta`` events).
+    """
 
     def __init__(
         self,
@@ -87,6 +101,7 @@ class LiteLLMModel:
         timeout: float = 120.0,
         retries: int = 3,
         backoff: float = 1.0,
+        stream: bool = True,
     ) -> None:
         self.name = model
         self.api_base = api_base
@@ -95,6 +110,7 @@ class LiteLLMModel:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.stream = stream
 
     async def complete(self, messages: Sequence[dict[str, str]]) -> ModelReply:
         if not _requests_allowed and not _is_loopback(self.api_base):
@@ -119,6 +135,7 @@ class LiteLLMModel:
             errors.BadGatewayError,
             errors.APIConnectionError,
             errors.Timeout,
+            TimeoutError,  # a streamed reply that did not end within the timeout
         )
         kwargs: dict[str, Any] = {
             "model": self.name,
@@ -132,9 +149,13 @@ class LiteLLMModel:
             kwargs["api_key"] = self._api_key
         if self.temperature is not None:
             kwargs["temperature"] = self.temperature
+        key = (self.name, self.api_base)
         for attempt in range(self.retries + 1):
             try:
-                response = await litellm.acompletion(**kwargs)
+                if self.stream and telemetry.active() and key not in _unstreamable:
+                    response = await self._streamed(litellm, kwargs, attempt + 1)
+                else:
+                    response = await litellm.acompletion(**kwargs)
                 break
             except retryable as exc:
                 if attempt == self.retries:
@@ -171,3 +192,53 @@ class LiteLLMModel:
             requests=1,
         )
         return ModelReply(content=content, usage=usage, model=str(getattr(response, "model", "")))
+
+    async def _streamed(self, litellm: Any, kwargs: dict[str, Any], attempt: int) -> Any:
+        """The response of a streamed request, put together from its chunks;
+        without streaming when the provider refuses it."""
+        from litellm import exceptions as errors  # noqa: PLC0415
+
+        feed = DeltaFeed(attempt)
+        try:
+            async with asyncio.timeout(self.timeout):
+                stream = await litellm.acompletion(
+                    **kwargs, stream=True, stream_options={"include_usage": True}
+                )
+                try:
+                    chunks = []
+                    async for chunk in stream:
+                        chunks.append(chunk)
+                        feed.add(_delta_text(chunk))
+                finally:
+                    await stream.aclose()
+        except TimeoutError:
+            raise TimeoutError(f"no complete reply within {self.timeout:g} s") from None
+        except (errors.BadRequestError, errors.UnprocessableEntityError) as exc:
+            if isinstance(exc, _not_about_streaming(errors)):
+                raise
+            # Likely a provider (or proxy) that cannot stream: ask it plainly.
+            # Remembered only once the plain request works, so a request that
+            # is bad either way is not taken for a refusal to stream.
+            response = await litellm.acompletion(**kwargs)
+            _unstreamable.add((self.name, self.api_base))
+            log.info("model_streaming_refused", model=self.name, error=type(exc).__name__)
+            return response
+        feed.close()
+        return litellm.stream_chunk_builder(chunks, messages=kwargs["messages"])
+
+
+def _not_about_streaming(errors: Any) -> tuple[type[BaseException], ...]:
+    """Refusals that a request without streaming would get too."""
+    return (
+        errors.ContextWindowExceededError,
+        errors.ContentPolicyViolationError,
+        errors.PaymentRequiredError,
+        errors.LiteLLMUnknownProvider,
+    )
+
+
+def _delta_text(chunk: Any) -> str:
+    choices = getattr(chunk, "choices", None) or []
+    delta = getattr(choices[0], "delta", None) if choices else None
+    text = getattr(delta, "content", None)
+    return text if isinstance(text, str) else ""

@@ -46,6 +46,9 @@ class Reply:
     """Seconds to send in a ``Retry-After`` header (with a 429, say); None sends none."""
     delay: float = 0.0
     """Seconds to wait before answering, to make a client time out."""
+    chunk_delay: float = 0.0
+    """Streamed answers only: seconds to wait before each piece of ``content``,
+    so a client sees the text arrive over time (or times out halfway)."""
     prompt_tokens: int | None = None
     """Usage figure; None estimates it from the request (message text length // 4, at least 1)."""
     completion_tokens: int | None = None
@@ -58,6 +61,8 @@ class Reply:
             raise ValueError(f"Reply.status must be an HTTP status (100-599), got {self.status}")
         if self.delay < 0:
             raise ValueError(f"Reply.delay must be >= 0 seconds, got {self.delay}")
+        if self.chunk_delay < 0:
+            raise ValueError(f"Reply.chunk_delay must be >= 0 seconds, got {self.chunk_delay}")
 
 
 Script: TypeAlias = Sequence[Reply | str] | Callable[[list[dict[str, Any]]], Reply | str]
@@ -74,6 +79,9 @@ _ERROR_CODES = {
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 _STREAM_PIECES = 4
+_NO_STREAMING = (
+    'FakeOpenAIServer(streaming=False) does not stream: send the request without "stream": true'
+)
 
 
 class FakeOpenAIServer:
@@ -82,7 +90,11 @@ class FakeOpenAIServer:
     A list script answers one reply per request, in order, and answers HTTP
     500 ("script exhausted") once used up. A callable script is called with
     each request's ``messages`` (one call at a time, so it may keep state).
-    Requests with ``"stream": true`` get Server-Sent Events. ``GET /v1/models``
+    Requests with ``"stream": true`` get Server-Sent Events: the content in
+    four pieces (:attr:`Reply.chunk_delay` apart), then usage when
+    ``stream_options.include_usage`` asks for it. With ``streaming=False`` the
+    server is one that cannot stream: such a request is refused with HTTP 400
+    (it is recorded, and uses no reply of the script). ``GET /v1/models``
     lists ``model``. The port is chosen by the OS; ``url`` is the base URL to
     give a client once started. Use it as a context manager, sync or async:
 
@@ -102,9 +114,16 @@ class FakeOpenAIServer:
     """
 
     def __init__(
-        self, script: Script, *, model: str = "fake-model", host: str = "127.0.0.1"
+        self,
+        script: Script,
+        *,
+        model: str = "fake-model",
+        host: str = "127.0.0.1",
+        streaming: bool = True,
     ) -> None:
         self.model = model
+        self.streaming = streaming
+        """False: requests with ``"stream": true`` are refused (HTTP 400)."""
         self.requests: list[dict[str, Any]] = []
         """Every chat-completions request body received, in order."""
         self._host, self._family = _loopback(host)
@@ -296,6 +315,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, "The request body must be a JSON object with a 'messages' list")
             return
         fake = self.server.fake
+        if body.get("stream") is True and not fake.streaming:
+            with fake._lock:
+                fake.requests.append(body)
+            self._send_error(400, _NO_STREAMING)
+            return
         reply = fake._next_reply(body)
         if reply.delay and fake._stopping.wait(reply.delay):
             self.close_connection = True  # stopped while waiting: drop the answer
@@ -357,6 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         fake = self.server.fake
         for chunk in _chunks(body, reply, fake):
+            if reply.chunk_delay and _has_content(chunk) and fake._stopping.wait(reply.chunk_delay):
+                self.close_connection = True  # stopped while streaming: cut the stream
+                return
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             self.wfile.flush()
         self.wfile.write(b"data: [DONE]\n\n")
@@ -388,6 +415,11 @@ def _chunks(body: dict[str, Any], reply: Reply, fake: FakeOpenAIServer) -> Itera
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
         yield {**envelope, "choices": [], "usage": _usage(body, reply)}
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
 
 
 def _envelope(body: dict[str, Any], fake: FakeOpenAIServer, kind: str) -> dict[str, Any]:
