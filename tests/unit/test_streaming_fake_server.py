@@ -5,6 +5,7 @@ stream (HTTP 400, recorded, no reply of the script used)."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import threading
 import time
@@ -40,7 +41,7 @@ def test_pieces_come_chunk_delay_apart() -> None:
                 if delta.get("content"):
                     arrived.append((time.monotonic(), delta["content"]))
     assert [text for _, text in arrived] == ["ab", "cd", "ef", "gh"]
-    gaps = [later - earlier for (earlier, _), (later, _) in zip(arrived, arrived[1:])]
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrived)]
     assert all(gap >= 0.1 for gap in gaps), gaps
 
 
