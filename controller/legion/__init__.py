@@ -57,6 +57,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
     UsageError,
+    UsageLimitExceeded,
     VaultKeyError,
 )
 from .human import Human
@@ -124,6 +125,7 @@ __all__ = [
     "Unavailable",
     "Usage",
     "UsageError",
+    "UsageLimitExceeded",
     "VaultKeyError",
     "__version__",
     "expose",

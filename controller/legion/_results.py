@@ -15,13 +15,19 @@ __all__ = ["RunResult", "Usage"]
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens (and cost in USD, when litellm knows the model's price)."""
+    """What a run used: tokens (and cost in USD, when litellm knows the
+    model's price), model requests, tool calls made by its code, and the wall
+    time its code steps ran in the sandbox."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cost_usd: float | None = None
     requests: int = 0
+    tool_calls: int = 0
+    """Tool calls its sandbox code made (each one that reached the host)."""
+    sandbox_seconds: float = 0.0
+    """Wall time of its code steps, from sending the code to the result."""
 
     def __add__(self, other: Usage) -> Usage:
         cost = None
@@ -33,6 +39,8 @@ class Usage:
             self.total_tokens + other.total_tokens,
             cost,
             self.requests + other.requests,
+            self.tool_calls + other.tool_calls,
+            self.sandbox_seconds + other.sandbox_seconds,
         )
 
 

@@ -295,14 +295,37 @@ class AgentConfig:
     """Seconds a long-lived agent with ``conversation`` scope keeps its container
     between turns; then its bindings are snapshotted and the container removed
     (they are restored into a fresh one at the next turn)."""
+    max_tokens: int | None = None
+    """Budget: model tokens (prompt and completion) a run may spend, or a
+    long-lived agent over all its turns; its sub-agents' count against it.
+    Over it, the run stops with :class:`legion.UsageLimitExceeded`. Not the
+    per-request completion limit some APIs call ``max_tokens``. None: no limit."""
+    max_cost_usd: float | None = None
+    """Budget: USD of model requests, as litellm prices them (requests to a model
+    it has no price for count nothing, with a warning in the log). None: no limit."""
+    max_tool_calls: int | None = None
+    """Budget: tool calls the code may make; the call past it is refused and
+    the run stops. None: no limit."""
+    max_sandbox_seconds: float | None = None
+    """Budget: wall-clock seconds of code steps in the sandbox (sub-agents'
+    steps count too); the step running when it is spent is stopped. None: no limit."""
 
     def __post_init__(self) -> None:
+        for name in BUDGET_KEYS:
+            _check_budget(name, getattr(self, name))
+        self._check_counts()
+        self._check_times()
+        self._check_choices()
+
+    def _check_counts(self) -> None:
         for name in ("max_iterations", "max_message_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         for name in ("max_retries", "model_retries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UsageError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
+
+    def _check_times(self) -> None:
         for name in ("sandbox_timeout", "model_timeout", "idle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -315,6 +338,8 @@ class AgentConfig:
                     f"{name}={value:g} seconds is more than a day; the unit is seconds. If you "
                     "mean it, also set sandbox_limits=SandboxLimits(allow_long_timeouts=True)."
                 )
+
+    def _check_choices(self) -> None:
         if self.binding_scope not in BINDING_SCOPES:
             raise UsageError(
                 f"binding_scope must be one of {', '.join(BINDING_SCOPES)}; "
@@ -331,6 +356,27 @@ class AgentConfig:
                     f"reference, got {self.image!r}"
                 )
             object.__setattr__(self, "image", None)
+
+
+BUDGET_KEYS = ("max_tokens", "max_cost_usd", "max_tool_calls", "max_sandbox_seconds")
+"""The :class:`AgentConfig` keys that are budgets of a run (or conversation)."""
+_WHOLE_BUDGETS = ("max_tokens", "max_tool_calls")
+
+
+def _check_budget(name: str, value: Any) -> None:
+    if value is None:
+        return
+    whole = name in _WHOLE_BUDGETS
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (whole and not isinstance(value, int))
+        or not math.isfinite(value)
+    ):
+        kind = "a whole number" if whole else "a number"
+        raise UsageError(f"{name} must be {kind} (or None for no limit), got {value!r}")
+    if value < 0:
+        raise UsageError(f"{name} must be 0 or more (or None for no limit), got {value!r}")
 
 
 _ENV_PREFIX = "LEGION_"
@@ -359,6 +405,11 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if raw is None or field.name == "sandbox_limits":
             continue
         default = field.default
+        if field.name in BUDGET_KEYS:  # None by default; "" or "none" is no limit
+            default = 0 if field.name in _WHOLE_BUDGETS else 0.0
+            if raw.strip().lower() in ("", "none"):
+                out[field.name] = None
+                continue
         try:
             if isinstance(default, bool):
                 out[field.name] = raw.lower() in ("1", "true", "yes", "on")

@@ -14,11 +14,12 @@ The tree::
     │   ├── NotFound             no such agent, conversation, run or human request
     │   ├── Unauthenticated      no token, or one the server does not know
     │   ├── PermissionDenied     it exists, but belongs to another principal
-    │   ├── ResourceExhausted    too many concurrent runs, or a message over the size limit
+    │   ├── ResourceExhausted    too many runs, a message too big, or a principal's budget spent
     │   └── Unavailable          the server cannot be reached, or is shutting down
     ├── RunError                 an agent run stopped without an answer; carries its history
     │   ├── MaxIterationsReached max_iterations successful steps and no answer yet
     │   ├── MaxRetriesReached    more failed steps in a row than max_retries
+    │   ├── UsageLimitExceeded   a budget (max_tokens, max_cost_usd, ...) was spent; names it
     │   └── ModelError           the model could not be reached, or refused the request
     └── SandboxError             a sandbox could not do its job
         ├── BackendUnavailable   the sandbox backend (its engine) does not answer
@@ -160,6 +161,43 @@ class MaxRetriesReached(RunError):
     """More steps failed in a row than ``max_retries`` allows."""
 
 
+class UsageLimitExceeded(RunError):
+    """A budget was spent: the run's or conversation's ``max_tokens``,
+    ``max_cost_usd``, ``max_tool_calls`` or ``max_sandbox_seconds``, its
+    caller's (a sub-agent counts against the run that called it), or, under
+    ``legion serve``, its principal's daily budget or sandbox allowance.
+
+    ``limit`` names the budget (``"max_tokens"``, ``"max_tokens_per_day"``...),
+    ``allowed`` is its value, ``used`` the amount counted against it, and
+    ``scope`` whose budget it is (``"run"``, ``"conversation"``,
+    ``"calling run"``, ``"principal alice"``). ``usage`` is the run's own, as
+    for every :class:`RunError`; ``counted`` is everything counted against the
+    budget (sub-agents included)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str = "",
+        messages: list[dict[str, Any]] | None = None,
+        usage: Any = None,
+        iterations: int = 0,
+        limit: str = "",
+        allowed: float | None = None,
+        used: float | None = None,
+        scope: str = "",
+        counted: Any = None,
+    ) -> None:
+        super().__init__(
+            message, run_id=run_id, messages=messages, usage=usage, iterations=iterations
+        )
+        self.limit = limit
+        self.allowed = allowed
+        self.used = used
+        self.scope = scope
+        self.counted = counted
+
+
 class ModelError(RunError):
     """The model could not be reached (after retries), or refused the request."""
 
@@ -215,7 +253,9 @@ class PermissionDenied(RemoteError):
 
 
 class ResourceExhausted(RemoteError):
-    """Too many concurrent runs for this principal, or a message over the size limit."""
+    """Too many concurrent runs for this principal, a message over the size
+    limit, or one of the principal's budgets spent (the message names the
+    budget and when it resets)."""
 
 
 class Unavailable(RemoteError):

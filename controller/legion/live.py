@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import human, telemetry
-from ._driver import RunDriver, new_sandbox, prepare
+from ._driver import RunDriver, budget_of, current_budget, new_sandbox, prepare
 from ._log import get_logger
 from ._results import RunResult
 from .agent import Agent, AgentDefinition, definition_of, resolve_tools
@@ -152,6 +152,8 @@ class AgentHandle:
         self._sandbox_lock = asyncio.Lock()
         self._idle: asyncio.TimerHandle | None = None
         self._reclaiming: asyncio.Task[None] | None = None
+        self._budget = budget_of(config, scope="conversation", parent=current_budget.get())
+        """The config's budgets (max_tokens...) cover every turn together."""
         self._worker = asyncio.create_task(self._work(), name=f"legion-agent-{record.id}")
 
     # what callers see ---------------------------------------------------------
@@ -324,6 +326,7 @@ class AgentHandle:
             history=self._record.messages,
             borrow=self._borrow if keeps_bindings else None,
             files=turn.files,
+            budget=self._budget.child(scope=f"turn of {self.agent}"),
         )
         with (
             telemetry.run_context(driver.run_id, None),

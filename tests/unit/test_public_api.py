@@ -21,7 +21,7 @@ PUBLIC = [
     "HumanRequestNotFound", "SandboxFileError",
     "ImageNotFound", "LegionError", "MaxIterationsReached", "MaxRetriesReached", "ModelError",
     "RunError", "SandboxClosed", "SandboxCrashed", "SandboxError", "SandboxOOMKilled",
-    "SandboxStartError", "UsageError", "VaultKeyError",
+    "SandboxStartError", "UsageError", "UsageLimitExceeded", "VaultKeyError",
     # errors from a controller service
     "RemoteError", "NotFound", "Unauthenticated", "PermissionDenied", "ResourceExhausted",
     "Unavailable",
