@@ -27,8 +27,9 @@ from .auth import TokenTable
 
 USAGE_EXIT = 2
 _LINES = re.compile(r"[^\n]*\n|[^\n]+")
-_OUTPUT_PREFIX = {"stdout": "    | ", "stderr": "    ! "}
-"""How `legion run` marks the code's output lines under their step."""
+_OUTPUT_PREFIX = {"stdout": "    | ", "stderr": "    ! ", "reply": "    > "}
+"""How `legion run` marks the code's output lines under their step, and the
+model's reply (``llm.delta``) as it streams in under "asking the model"."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -143,9 +144,11 @@ def images(values: list[str]) -> dict[str, Any]:
 
 
 class Progress:
-    """Prints a run's events as short lines, the code's output as it comes
-    (each line indented under its step, stderr's marked with ``!``), and a
-    reminder while a step takes long (every ``every`` seconds)."""
+    """Prints a run's events as short lines, the model's reply and the code's
+    output as they come (each line indented under its request or step, the
+    reply's marked with ``>``, stderr's with ``!``; a retried request's reply
+    starts a new line), and a reminder while a step takes long (every
+    ``every`` seconds)."""
 
     def __init__(self, out: TextIO, *, every: float = 10.0) -> None:
         self.out = out
@@ -153,6 +156,8 @@ class Progress:
         self._doing: tuple[str, float] | None = None
         self._open_line = ""
         """The stream whose last output line has not ended yet (empty: none)."""
+        self._attempt: object = None
+        """The model request attempt whose reply is streaming in."""
 
     def say(self, text: str) -> None:
         print(self._end_line() + text, file=self.out, flush=True)
@@ -176,11 +181,24 @@ class Progress:
         self._open_line = ""
         return "\n"
 
+    def live_text(self, event: telemetry.Event) -> bool:
+        """Print the text of a ``sandbox.output`` or ``llm.delta`` event; False for others."""
+        d = event.data
+        if event.name == telemetry.SANDBOX_OUTPUT:
+            self.output(str(d.get("stream", "")), str(d.get("text", "")))
+        elif event.name == telemetry.LLM_DELTA:
+            if d.get("attempt") != self._attempt:
+                self._attempt = d.get("attempt")
+                self.out.write(self._end_line())
+            self.output("reply", str(d.get("text", "")))
+        else:
+            return False
+        return True
+
     def __call__(self, event: telemetry.Event) -> None:
         d = event.data
         name = event.name
-        if name == telemetry.SANDBOX_OUTPUT:
-            self.output(str(d.get("stream", "")), str(d.get("text", "")))
+        if self.live_text(event):
             return
         took = f" in {d['duration']:.1f}s" if isinstance(d.get("duration"), (int, float)) else ""
         line, doing = None, None
@@ -191,6 +209,7 @@ class Progress:
             line = f"run {d.get('agent', '')} {outcome}{took}"
         elif name == telemetry.LLM_REQUEST_START:
             line, doing = f"  asking the model ({d.get('model', '?')})", "waiting for the model"
+            self._attempt = None
         elif name == telemetry.LLM_REQUEST_STOP:
             line = f"  the model answered{took}"
         elif name == telemetry.ITERATION_START:
