@@ -188,6 +188,8 @@ class RunView:
     """Trace entries not kept (over MAX_TRACE)."""
     seq: int = 0
     open_llm: str = ""
+    llm_attempt: Any = None
+    """The attempt of the open model request whose reply is streaming in."""
     open_eval: str = ""
     eval_ok: bool = False
     tools: dict[str, str] = field(default_factory=dict)
@@ -478,7 +480,21 @@ class LiveState:
         fields = {"title": title, "model": text(data.get("model"), 200)}
         fields["prompt"] = text(data.get("prompt"))
         entry = self._entry(run, "llm", fields, "waiting")
-        run.open_llm = entry.key
+        run.open_llm, run.llm_attempt = entry.key, None
+        return self._trace(run, entry)
+
+    def _llm_delta(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
+        """The reply as it streams in; a retried request's starts over, and
+        the stop event's excerpt replaces it when the request ends."""
+        entry = run.trace.get(run.open_llm)
+        if entry is None:
+            return []
+        shown = entry.fields.get("reply", "")
+        if data.get("attempt") != run.llm_attempt:
+            run.llm_attempt, shown = data.get("attempt"), ""
+        elif len(shown) >= TEXT:  # cut already: the stop event has the excerpt
+            return []
+        entry.fields["reply"] = text(shown + text(data.get("text")))
         return self._trace(run, entry)
 
     def _llm_end(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
@@ -723,6 +739,7 @@ _HANDLERS: dict[str, _Handler] = {
     telemetry.LLM_REQUEST_START: LiveState._llm_start,
     telemetry.LLM_REQUEST_STOP: LiveState._llm_end,
     telemetry.LLM_REQUEST_EXCEPTION: LiveState._llm_end,
+    telemetry.LLM_DELTA: LiveState._llm_delta,
     telemetry.SANDBOX_EVAL_START: LiveState._eval_start,
     telemetry.SANDBOX_EVAL_STOP: LiveState._eval_stop,
     telemetry.SANDBOX_EVAL_EXCEPTION: LiveState._eval_stop,
