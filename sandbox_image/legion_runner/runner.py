@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -291,16 +293,37 @@ class _Capture:
 
 
 class _PendingCall:
-    __slots__ = ("event", "exec_id", "result")
+    """A tool call sent and not yet answered. A blocking call waits on
+    ``event``; a call of ``.map`` or an async stub is told through
+    ``on_done``, on the receiving thread."""
 
-    def __init__(self, exec_id: str) -> None:
-        self.event = threading.Event()
+    __slots__ = ("event", "exec_id", "on_done", "result")
+
+    def __init__(self, exec_id: str, on_done: Callable[[_PendingCall], None] | None = None) -> None:
+        self.event = threading.Event() if on_done is None else None
         self.exec_id = exec_id
+        self.on_done = on_done
         self.result: pb.ToolResult | None = None
+
+    def settle(self, result: pb.ToolResult | None) -> None:
+        """The answer, or None when the execution was cancelled."""
+        self.result = result
+        if self.event is not None:
+            self.event.set()
+        elif self.on_done is not None:
+            with contextlib.suppress(Exception):  # e.g. the code's event loop closed: nobody waits
+                self.on_done(self)
+
+
+# Calls of one ``.map``, or async calls of one event loop, in flight at once.
+# The controller serves ``max_concurrent_tool_calls`` of them at a time; the
+# window only keeps a huge fan-out from queueing everything on the host.
+_FANOUT_WINDOW = 64
 
 
 class ToolStub:
-    """Stands in for a host tool. Each function sends a ToolCall and waits."""
+    """Stands in for a host tool. Each function sends a ToolCall and waits;
+    ``Tool.afunction`` is its async form (see :func:`_make_function`)."""
 
     def __init__(self, name: str, doc: str) -> None:
         self.__name__ = name
@@ -311,13 +334,39 @@ class ToolStub:
 
 
 def _make_function(runner: Runner, tool: str, fn: pb.FunctionSpec) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return runner.call_tool(tool, fn.name, args, kwargs)
+    """The stub of one host function: ``f(...)`` calls it and waits;
+    ``f.map(items)`` calls it once per item, concurrently; ``await f.aio(...)``
+    calls it without blocking the code's event loop."""
+    function = fn.name
 
-    qualified = f"{tool}.{fn.name}" if fn.name else tool
-    call.__name__ = fn.name or tool
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return runner.call_tool(tool, function, args, kwargs)
+
+    def map(*iterables: Iterable[Any], return_exceptions: bool = False) -> list[Any]:
+        return runner.map_tool(tool, function, iterables, return_exceptions=return_exceptions)
+
+    async def aio(*args: Any, **kwargs: Any) -> Any:
+        return await runner.call_tool_async(tool, function, args, kwargs)
+
+    qualified = f"{tool}.{function}" if function else tool
+    call.__name__ = function or tool
     call.__qualname__ = qualified
     call.__doc__ = f"{qualified}{fn.signature}\n\n{fn.doc}".rstrip()
+    map.__name__, map.__qualname__ = "map", f"{qualified}.map"
+    map.__doc__ = (
+        f"{qualified}.map(items, ...) -> list: {qualified}(item) for each item, run "
+        "concurrently on the host, results in the order of the items. Several iterables "
+        "give several positional arguments, as the builtin map (same lengths). A failed "
+        "call raises its error once all have ended (the first failed item's); with "
+        "return_exceptions=True the error takes the item's place in the list instead."
+    )
+    aio.__name__, aio.__qualname__ = "aio", f"{qualified}.aio"
+    aio.__doc__ = (
+        f"await {qualified}.aio(...): {qualified}(...) without blocking the event loop, "
+        "for asyncio.gather and friends."
+    )
+    call.map = map  # type: ignore[attr-defined]
+    call.aio = aio  # type: ignore[attr-defined]
     return call
 
 
@@ -371,6 +420,8 @@ class Runner:
         self._work: queue.SimpleQueue[pb.ControllerMessage] = queue.SimpleQueue()
         self._pending: dict[str, _PendingCall] = {}
         self._lock = threading.Lock()
+        # Each event loop of sandbox code -> its window of async tool calls.
+        self._windows: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._tools: dict[str, Any] = {}
         # id() of each tool stub and tool function -> (tool, function): a
         # snapshot saves these as references to the tool, not as objects.
@@ -441,8 +492,7 @@ class Runner:
         with self._lock:
             pending = self._pending.pop(result.call_id, None)
         if pending is not None:
-            pending.result = result
-            pending.event.set()
+            pending.settle(result)
 
     def _cancel(self, exec_id: str) -> None:
         with self._lock:
@@ -451,7 +501,7 @@ class Runner:
             waiting = [k for k, p in self._pending.items() if p.exec_id == exec_id]
             for call_id in waiting:
                 pending = self._pending.pop(call_id)
-                pending.event.set()  # result None: the waiter raises ExecutionCancelled
+                pending.settle(None)  # the waiter raises ExecutionCancelled
             ident = self._worker.ident
         if ident is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
@@ -501,10 +551,14 @@ class Runner:
                 continue
             stub = ToolStub(spec.name, spec.doc)
             refs[id(stub)] = ("tool", spec.name, "")
+            names = {fn.name for fn in spec.functions}
             for fn in spec.functions:
                 function = _make_function(self, spec.name, fn)
                 setattr(stub, fn.name, function)
                 refs[id(function)] = ("tool", spec.name, fn.name)
+                if f"a{fn.name}" not in names:  # a host function of that name wins
+                    setattr(stub, f"a{fn.name}", function.aio)  # type: ignore[attr-defined]
+                    refs[id(function.aio)] = ("tool", spec.name, f"a{fn.name}")  # type: ignore[attr-defined]
             for name, helper in _sandbox_helpers(stub, spec).items():
                 setattr(stub, name, helper)
                 refs[id(helper)] = ("tool", spec.name, name)
@@ -680,6 +734,106 @@ class Runner:
     def call_tool(
         self, tool: str, function: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        """Call a host function and wait for its answer (``Tool.function(...)``)."""
+        _, pending = self._start_call(tool, function, args, kwargs)
+        assert pending.event is not None  # no on_done: a blocking call
+        pending.event.wait()
+        return self._outcome(pending, tool, function)
+
+    def map_tool(
+        self,
+        tool: str,
+        function: str,
+        iterables: tuple[Iterable[Any], ...],
+        *,
+        return_exceptions: bool,
+    ) -> list[Any]:
+        """``Tool.function.map(items)``: one call per item (per tuple of
+        items, from several iterables), at most ``_FANOUT_WINDOW`` in flight,
+        results in order. Every item is called; then the first failed item's
+        error is raised, unless ``return_exceptions`` keeps each in its place."""
+        name = f"{tool}.{function}" if function else tool
+        if not iterables:
+            raise TypeError(f"{name}.map() takes an iterable of arguments, e.g. {name}.map(ids)")
+        try:
+            calls = list(zip(*iterables, strict=True))
+        except ValueError:
+            raise ValueError(f"{name}.map(): the iterables have different lengths") from None
+        results: list[Any] = [None] * len(calls)
+        answered: queue.SimpleQueue[int] = queue.SimpleQueue()
+        in_flight: dict[int, _PendingCall] = {}
+        sent = 0
+        while sent < len(calls) or in_flight:
+            while sent < len(calls) and len(in_flight) < _FANOUT_WINDOW:
+                index, sent = sent, sent + 1
+                try:
+                    _, in_flight[index] = self._start_call(
+                        tool,
+                        function,
+                        calls[index],
+                        {},
+                        on_done=lambda _, index=index: answered.put(index),  # type: ignore[misc]
+                    )
+                except ToolError as exc:  # arguments that cannot be sent: this item's error
+                    results[index] = exc
+            if not in_flight:
+                continue
+            index = answered.get()
+            try:
+                results[index] = self._outcome(in_flight.pop(index), tool, function)
+            except ToolError as exc:
+                results[index] = exc
+        if not return_exceptions:
+            failed = [i for i, r in enumerate(results) if isinstance(r, ToolError)]
+            if failed:
+                error: ToolError = results[failed[0]]
+                error.add_note(
+                    f"{name}.map: item {failed[0]} failed ({len(failed)} of {len(calls)} "
+                    f"failed); {name}.map(..., return_exceptions=True) returns every result, "
+                    "with each error in its item's place"
+                )
+                raise error
+        return results
+
+    async def call_tool_async(
+        self, tool: str, function: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``await Tool.afunction(...)``: the call goes out at once and the
+        receiving thread wakes the code's event loop when the answer comes,
+        so other coroutines run meanwhile. At most ``_FANOUT_WINDOW`` calls
+        of one loop are in flight; more wait their turn in the loop."""
+        import asyncio  # noqa: PLC0415 - running coroutines have imported it already
+
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            window = self._windows.get(loop)
+            if window is None:
+                window = self._windows[loop] = asyncio.Semaphore(_FANOUT_WINDOW)
+        async with window:
+            answered = loop.create_future()
+
+            def wake(_: _PendingCall) -> None:  # on the receiving thread
+                loop.call_soon_threadsafe(_set_once, answered)
+
+            call_id, pending = self._start_call(tool, function, args, kwargs, on_done=wake)
+            try:
+                await answered
+            except BaseException:  # the awaiting task was cancelled: nobody wants the answer
+                with self._lock:
+                    self._pending.pop(call_id, None)
+                raise
+        return self._outcome(pending, tool, function)
+
+    def _start_call(
+        self,
+        tool: str,
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        on_done: Callable[[_PendingCall], None] | None = None,
+    ) -> tuple[str, _PendingCall]:
+        """Check and send one ToolCall; its id and what its answer settles."""
         name = f"{tool}.{function}" if function else tool
         exec_id = self._current_exec
         if not exec_id:
@@ -702,7 +856,7 @@ class Runner:
                 function=function,
             )
         call_id = uuid.uuid4().hex
-        pending = _PendingCall(exec_id)
+        pending = _PendingCall(exec_id, on_done)
         with self._lock:
             self._pending[call_id] = pending
         self.send(
@@ -717,7 +871,11 @@ class Runner:
                 )
             )
         )
-        pending.event.wait()
+        return call_id, pending
+
+    @staticmethod
+    def _outcome(pending: _PendingCall, tool: str, function: str) -> Any:
+        """The answer's value, or its error raised."""
         result = pending.result
         if result is None:
             raise ExecutionCancelled()
@@ -727,6 +885,11 @@ class Runner:
         if result.value.WhichOneof("kind") == "repr":
             return HostRepr(result.value.repr)
         return json.loads(result.value.json) if result.value.json else None
+
+
+def _set_once(future: Any) -> None:
+    if not future.done():  # not if the awaiting task was cancelled meanwhile
+        future.set_result(None)
 
 
 def snapshot_messages(
