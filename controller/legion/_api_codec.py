@@ -37,6 +37,7 @@ __all__ = [
     "agent_message",
     "answer_json",
     "answer_of",
+    "approval_message",
     "config_json",
     "config_of",
     "data_json",
@@ -199,6 +200,15 @@ def answer_of(text: str) -> Any:
         raise UsageError(
             f'answer_json must be JSON (e.g. "yes", with the quotes): {_why(exc)}'
         ) from None
+
+
+def approval_message(ref: str, *, approved: bool, reason: str) -> pb.RespondApprovalRequest:
+    """A decision on the held tool call ``ref``, as ``RespondApproval`` takes it."""
+    if not isinstance(approved, bool):
+        raise UsageError(f"approved must be True or False, not {approved!r}")
+    if not isinstance(ref, str) or not isinstance(reason, str):
+        raise UsageError("an approval's ref and reason are strings")
+    return pb.RespondApprovalRequest(ref=ref, approved=approved, reason=reason)
 
 
 # --- Usage ------------------------------------------------------------------------------------

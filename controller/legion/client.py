@@ -8,6 +8,8 @@
             async for event in events:
                 if event.name == legion.telemetry.HUMAN_REQUEST:
                     await client.respond_human(event.data["ref"], "yes")
+                elif event.name == legion.telemetry.TOOL_APPROVAL:
+                    await client.respond_approval(event.data["ref"], approved=True)
 
 Results come back as :class:`legion.RunResult`, events as
 :class:`legion.telemetry.Event` (a :class:`RemoteEvent`, which adds
@@ -41,6 +43,7 @@ from ._api_codec import (
     SandboxInfo,
     agent_info,
     answer_json,
+    approval_message,
     config_json,
     file_messages,
     remote_event,
@@ -315,6 +318,15 @@ class Client:
         request = pb.RespondHumanRequest(ref=ref, answer_json=answer_json(answer))
         await self._unary("RespondHuman", request)
 
+    async def respond_approval(self, ref: str, *, approved: bool, reason: str = "") -> None:
+        """Approve (or refuse, saying why in ``reason``) the held tool call
+        ``ref`` (from a ``tool.approval`` event), as this client's principal.
+        Raises :class:`legion.PermissionDenied` when the call names other
+        approvers (or, naming none, belongs to another principal's run), and
+        :class:`legion.NotFound` when it is no longer waiting."""
+        request = approval_message(ref, approved=approved, reason=reason)
+        await self._unary("RespondApproval", request)
+
     async def list_sandboxes(self) -> list[SandboxInfo]:
         """The caller's live sandboxes on the server."""
         response = await self._unary("ListSandboxes", pb.ListSandboxesRequest())
@@ -451,6 +463,9 @@ class SyncClient:
 
     def respond_human(self, ref: str, answer: Any) -> None:
         self._runner.run(self.client.respond_human(ref, answer))
+
+    def respond_approval(self, ref: str, *, approved: bool, reason: str = "") -> None:
+        self._runner.run(self.client.respond_approval(ref, approved=approved, reason=reason))
 
     def list_sandboxes(self) -> list[SandboxInfo]:
         return self._runner.run(self.client.list_sandboxes())

@@ -101,6 +101,12 @@ def _requests() -> dict[str, st.SearchStrategy[Any]]:
         "RespondHuman": st.builds(
             lambda r, a: pb.RespondHumanRequest(ref=r, answer_json=a), ids, json_ish
         ),
+        "RespondApproval": st.builds(
+            lambda r, a, why: pb.RespondApprovalRequest(ref=r, approved=a, reason=why),
+            ids,
+            st.booleans(),
+            strings,
+        ),
         "ListSandboxes": st.just(pb.ListSandboxesRequest()),
     }
 

@@ -207,6 +207,20 @@ class RespondHumanResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RespondApprovalRequest(_message.Message):
+    __slots__ = ("ref", "approved", "reason")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    approved: bool
+    reason: str
+    def __init__(self, ref: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RespondApprovalResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListSandboxesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -75,6 +75,11 @@ class ControllerStub:
                 request_serializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanRequest.SerializeToString,
                 response_deserializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanResponse.FromString,
                 _registered_method=True)
+        self.RespondApproval = channel.unary_unary(
+                '/legion.controller.v1.Controller/RespondApproval',
+                request_serializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalRequest.SerializeToString,
+                response_deserializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalResponse.FromString,
+                _registered_method=True)
         self.ListSandboxes = channel.unary_unary(
                 '/legion.controller.v1.Controller/ListSandboxes',
                 request_serializer=legion_dot_controller_dot_v1_dot_controller__pb2.ListSandboxesRequest.SerializeToString,
@@ -151,6 +156,16 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondApproval(self, request, context):
+        """Approve or refuse a held tool call (the `ref` of a "tool.approval"
+        event). When the call names approvers, only they may decide
+        (PERMISSION_DENIED for anyone else); otherwise the run's principal does.
+        A refused call never runs; the code gets ApprovalRefused with the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSandboxes(self, request, context):
         """The caller's live sandboxes.
         """
@@ -200,6 +215,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RespondHuman,
                     request_deserializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanRequest.FromString,
                     response_serializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanResponse.SerializeToString,
+            ),
+            'RespondApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondApproval,
+                    request_deserializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalRequest.FromString,
+                    response_serializer=legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalResponse.SerializeToString,
             ),
             'ListSandboxes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSandboxes,
@@ -423,6 +443,33 @@ class Controller:
             '/legion.controller.v1.Controller/RespondHuman',
             legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanRequest.SerializeToString,
             legion_dot_controller_dot_v1_dot_controller__pb2.RespondHumanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/legion.controller.v1.Controller/RespondApproval',
+            legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalRequest.SerializeToString,
+            legion_dot_controller_dot_v1_dot_controller__pb2.RespondApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

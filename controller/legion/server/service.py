@@ -118,6 +118,26 @@ _serving: ContextVar[_Served | None] = ContextVar("legion_served_run", default=N
 _TURN_ENDS = (telemetry.TURN_RESULT, telemetry.TURN_ERROR)
 """The events that end a turn."""
 
+_APPROVAL_EVENTS = frozenset(
+    {telemetry.TOOL_APPROVAL, telemetry.TOOL_APPROVAL_DECISION, telemetry.TOOL_APPROVAL_TIMEOUT}
+)
+
+MAX_REASON = 4000
+"""Characters of an approval's reason kept (the code and the model read it)."""
+
+
+def _approvers_of(event: telemetry.Event) -> frozenset[str]:
+    """The principals an approval event also goes to (besides the run's own):
+    the approvers it names, who may not own the run."""
+    if event.name not in _APPROVAL_EVENTS:
+        return frozenset()
+    named = event.data.get("approvers")
+    return (
+        frozenset(a for a in named if isinstance(a, str))
+        if isinstance(named, list)
+        else frozenset()
+    )
+
 
 @dataclass(eq=False)
 class _Conversation:
@@ -325,13 +345,16 @@ class ControllerService(pb_grpc.ControllerServicer):
             if served is None:
                 return
         message = event_message(event, served.conversation_id)
+        approvers = _approvers_of(event)
         if threading.get_ident() == self._loop_thread:
-            self._dispatch(served, message)
+            self._dispatch(served, message, approvers)
         elif self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed
-                self._loop.call_soon_threadsafe(self._dispatch, served, message)
+                self._loop.call_soon_threadsafe(self._dispatch, served, message, approvers)
 
-    def _dispatch(self, served: _Served, event: pb.Event) -> None:
+    def _dispatch(
+        self, served: _Served, event: pb.Event, approvers: frozenset[str] = frozenset()
+    ) -> None:
         if event.run_id and event.run_id not in served.run_ids:
             served.run_ids.add(event.run_id)
             self._owners[event.run_id] = served
@@ -342,7 +365,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             for run_id in served.run_ids:  # a cast turn is over: nobody asks about it again
                 self._owners.pop(run_id, None)
         for subscriber in self._subscribers:
-            if subscriber.principal == served.principal.name and subscriber.wants(event):
+            reader = subscriber.principal
+            if (reader == served.principal.name or reader in approvers) and subscriber.wants(event):
                 _offer(subscriber.queue, event, subscriber, f"events of {subscriber.principal}")
 
     # shared checks ----------------------------------------------------------------
@@ -742,7 +766,53 @@ class ControllerService(pb_grpc.ControllerServicer):
             human.respond(request.ref, answer)
         except HumanRequestNotFound as exc:  # answered or timed out meanwhile
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except UsageError as exc:  # an approval request: RespondApproval decides those
+            await _abort(context, invalid, str(exc))
         return pb.RespondHumanResponse()
+
+    async def RespondApproval(
+        self, request: pb.RespondApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RespondApprovalResponse:
+        principal = await self._caller(context)
+        ref = request.ref
+        if not ref:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "ref is empty: give the ref of a tool.approval event",
+            )
+        held = human.approval_of(ref)
+        owner = self._owners.get(held.run_id or "") if held is not None else None
+        if held is None or owner is None:  # another server's runs are not ours to decide
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no approval request {ref[:100]!r} is waiting for a decision",
+            )
+        if held.approvers and principal.name not in held.approvers:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"approval {ref!r} is for {', '.join(held.approvers)} to decide, "
+                f"not {principal.name}",
+            )
+        if not held.approvers and owner.principal.name != principal.name:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"approval {ref!r} belongs to another principal's run",
+            )
+        try:
+            human.respond_approval(
+                ref,
+                approved=request.approved,
+                reason=request.reason[:MAX_REASON],
+                principal=principal.name,
+            )
+        except HumanRequestNotFound as exc:  # decided or timed out meanwhile
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("approval_decided", principal=principal.name, ref=ref, approved=request.approved)
+        return pb.RespondApprovalResponse()
 
     async def ListSandboxes(
         self, request: pb.ListSandboxesRequest, context: grpc.aio.ServicerContext

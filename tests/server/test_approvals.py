@@ -1,0 +1,193 @@
+"""Approvals through the controller: a real `legion serve` holds a tool call
+until a principal decides with RespondApproval. Only the run's principal (or,
+when the tool names them, its approvers) may decide; the tool runs on the
+server's host, and its ledger file shows whether it ran."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import legion
+from legion.client import RemoteEvent
+from legion.human import requires_approval
+from legion.testing import FakeOpenAIServer
+
+from .conftest import Tokens, server_env, start_server, stop_cleanly, write_token_file
+from .support import next_event
+
+pytestmark = pytest.mark.docker
+
+LEDGER_ENV = "LEGION_TEST_APPROVALS_LEDGER"
+
+
+class Payments(legion.Tool):
+    """Money out of the shop's account."""
+
+    @requires_approval
+    def refund(self, order: str, amount: float) -> str:
+        # Runs in the server process: one line per refund that really ran.
+        with Path(os.environ[LEDGER_ENV]).open("a") as ledger:
+            ledger.write(json.dumps([order, amount]) + "\n")
+        return f"refunded {amount:g} on {order}"
+
+
+class Cashier(legion.Agent):
+    """Refunds orders; the principal who runs it approves."""
+
+    tools = [Payments]
+
+
+class AliceApproves(legion.Agent):
+    """Refunds orders; only alice approves."""
+
+    tools = [Payments]
+    tool_config = {"Payments": {"approval": {"refund": {"approver": "alice"}}}}
+
+
+class Hasty(legion.Agent):
+    """Nobody waits long for its refunds."""
+
+    tools = [Payments]
+    tool_config = {"Payments": {"approval": {"refund": {"timeout": 0.5}}}}
+
+
+AGENTS = {"Cashier": Cashier, "AliceApproves": AliceApproves, "Hasty": Hasty}
+
+REFUND = (
+    "#code try:\n    r = Payments.refund('o-17', amount=25)\n"
+    "except ToolError as exc:\n    r = [type(exc).__name__, str(exc)]\nr"
+)
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ledger") / "refunds.jsonl"
+
+
+@pytest.fixture(scope="module")
+def address(
+    docker_ready: None,
+    fake_model: FakeOpenAIServer,
+    tokens: Tokens,
+    ledger: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    where = tmp_path_factory.mktemp("approvals")
+    server = start_server(
+        [
+            "--agents",
+            f"{__name__}:AGENTS",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(write_token_file(where, tokens)),
+            "--grace-seconds",
+            "2",
+        ],
+        server_env(fake_model, **{LEDGER_ENV: str(ledger)}),
+        where,
+    )
+    try:
+        yield server.address
+    finally:
+        stop_cleanly(server)
+
+
+@pytest.fixture
+async def alice(address: str, tokens: Tokens) -> AsyncIterator[legion.Client]:
+    async with legion.Client(address, token=tokens.alice) as client:
+        yield client
+
+
+@pytest.fixture
+async def bob(address: str, tokens: Tokens) -> AsyncIterator[legion.Client]:
+    async with legion.Client(address, token=tokens.bob) as client:
+        yield client
+
+
+def refunds(ledger: Path) -> list[list[object]]:
+    if not ledger.exists():
+        return []
+    return [json.loads(line) for line in ledger.read_text().splitlines()]
+
+
+def is_approval(event: RemoteEvent) -> bool:
+    return event.name == legion.telemetry.TOOL_APPROVAL
+
+
+async def test_the_runs_principal_approves_and_the_call_runs_once_as_shown(
+    alice: legion.Client, bob: legion.Client, ledger: Path
+) -> None:
+    before = refunds(ledger)
+    async with bob.events(name_prefixes=["tool.approval"]) as events:
+        running = asyncio.create_task(bob.run("Cashier", REFUND))
+        held = await next_event(events, is_approval)
+        assert held.data["tool"] == "Payments" and held.data["function"] == "refund"
+        assert held.data["args"] == ["o-17"] and held.data["kwargs"] == {"amount": 25}
+        assert held.data["approvers"] == [] and held.data["agent"] == "Cashier"
+        ref = held.data["ref"]
+
+        with pytest.raises(legion.PermissionDenied, match="another principal"):
+            await alice.respond_approval(ref, approved=True)
+        with pytest.raises(legion.UsageError, match="approval request"):
+            await bob.respond_human(ref, "yes")  # questions and approvals do not mix
+        assert refunds(ledger) == before  # held: it has not run
+
+        await bob.respond_approval(ref, approved=True)
+        result = await asyncio.wait_for(running, 60)
+        decided = await next_event(events, lambda e: e.name == "tool.approval.decision")
+    assert result.output == "refunded 25 on o-17" and held.run_id == result.run_id
+    assert refunds(ledger) == [*before, ["o-17", 25]]
+    assert decided.data["approved"] is True and decided.data["principal"] == "bob"
+    with pytest.raises(legion.NotFound, match="no approval request"):
+        await bob.respond_approval(ref, approved=True)
+
+
+async def test_only_the_named_approver_decides_and_a_refusal_never_runs(
+    alice: legion.Client, bob: legion.Client, ledger: Path
+) -> None:
+    before = refunds(ledger)
+    # alice is not running anything: the request reaches her stream as the approver.
+    async with alice.events(name_prefixes=["tool.approval"]) as alices:
+        running = asyncio.create_task(bob.run("AliceApproves", REFUND))
+        held = await next_event(alices, is_approval)
+        assert held.data["approvers"] == ["alice"]
+        ref = held.data["ref"]
+        with pytest.raises(legion.PermissionDenied, match="for alice to decide, not bob"):
+            await bob.respond_approval(ref, approved=True)
+        await asyncio.sleep(0.2)
+        assert refunds(ledger) == before
+        await alice.respond_approval(ref, approved=False, reason="refunds over 20 need a ticket")
+        result = await asyncio.wait_for(running, 60)
+    assert result.output == [
+        "ApprovalRefused",
+        "Payments.refund was refused by alice: refunds over 20 need a ticket; the call did not run",
+    ]
+    assert refunds(ledger) == before
+
+
+async def test_no_decision_is_a_clear_timeout_and_bad_input_is_refused(
+    bob: legion.Client, ledger: Path
+) -> None:
+    before = refunds(ledger)
+    result = await bob.run("Hasty", REFUND)
+    assert result.output == [
+        "ApprovalTimeout",
+        "Payments.refund needs a person's approval and nobody decided within 0.5 s; "
+        "the call did not run",
+    ]
+    assert refunds(ledger) == before
+    with pytest.raises(legion.UsageError, match="ref is empty"):
+        await bob.respond_approval("", approved=True)
+    with pytest.raises(legion.NotFound, match="no approval request"):
+        await bob.respond_approval("0" * 32, approved=False)
+    with pytest.raises(legion.UsageError, match="True or False"):
+        await bob.respond_approval("0" * 32, approved="yes")  # type: ignore[arg-type]
+    # Still serving.
+    assert (await bob.run("Cashier", "#json 1")).output == 1
