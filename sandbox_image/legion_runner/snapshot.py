@@ -24,7 +24,6 @@ import pickle
 import stat
 import struct
 import sys
-import tarfile
 import types
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -437,6 +436,8 @@ def pack_dir(root: str, limit: int) -> bytes:
     """The files below ``root`` as a gzipped tar of at most ``limit`` bytes
     (:class:`_TooLarge` past it). Links are kept as links, never followed."""
     sink = io.BytesIO()
+    import tarfile  # noqa: PLC0415 - only for snapshots with files, not at start
+
     with tarfile.open(fileobj=sink, mode="w:gz", compresslevel=6) as tar:
         for name in sorted(os.listdir(root)):
             if name.startswith(".legion-upload-"):
@@ -455,6 +456,8 @@ def unpack_dir(data: bytes, root: str) -> None:
     directories and links only, every name inside ``root``, nothing written
     through a link."""
     links: set[str] = set()
+    import tarfile  # noqa: PLC0415
+
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         for member in tar.getmembers():
             name = os.path.normpath(member.name)

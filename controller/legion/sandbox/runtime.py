@@ -44,7 +44,7 @@ from .backend import (
     StartRequest,
     owner_alive,
 )
-from .channel import ChannelServer, Connection
+from .channel import ChannelServer, Connection, channel_server
 from .endpoint import SOCKET_NAME, BootFile, UnixSocketEndpoint
 
 log = get_logger("legion.sandbox.runtime")
@@ -245,7 +245,7 @@ class SandboxRuntime:
             # own boot file, but not list the others' (0711).
             self._dir.chmod(0o711)
             self.endpoint = UnixSocketEndpoint(self._dir)
-            self._channel = ChannelServer(
+            self._channel = channel_server(
                 self.endpoint.socket_path, max_message_bytes=self.limits.max_message_bytes
             )
             await self._channel.start()
