@@ -398,11 +398,15 @@ class PrincipalBudget(Budget):
                 return Exceeded(name, allowed, used, self.scope, _resets_text(now))
         return None
 
-    def check_start(self, memory_mb: int) -> Exceeded | None:
+    def check_start(self, memory_mb: int | None) -> Exceeded | None:
         """Why a new run of this principal may not start now (a daily budget
-        spent, or no room for its sandbox), or None."""
+        spent, or no room for a sandbox of ``memory_mb``; None: it needs no
+        new sandbox), or None."""
         with _lock:
-            return self._over_daily() or self._room(memory_mb)
+            found = self._over_daily()
+            if found is None and memory_mb is not None:
+                found = self._room(memory_mb)
+            return found
 
     def _room(self, memory_mb: int) -> Exceeded | None:
         freed = "one is freed when a sandbox of theirs is removed (a run ends)"

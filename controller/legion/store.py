@@ -9,6 +9,10 @@ this process or after a restart.
 - :class:`SQLiteStore`: one file; the default for ``legion serve``.
 
 Another store (PostgreSQL, Redis...) implements the same four coroutines.
+
+Both also keep what each principal of ``legion serve`` spent per UTC day
+(:class:`UsageStore`: ``load_usage`` and ``save_usage``), so the principals'
+daily budgets count across a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ._results import Usage
 from .errors import UsageError
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "ConversationStore",
     "MemoryStore",
     "SQLiteStore",
+    "UsageStore",
     "default_store_path",
 ]
 
@@ -78,13 +84,33 @@ class ConversationStore(Protocol):
     async def list(self) -> list[ConversationRecord]: ...
 
 
+@runtime_checkable
+class UsageStore(Protocol):
+    """What each principal spent per UTC day (``YYYY-MM-DD``), for the daily budgets."""
+
+    async def load_usage(self, principal: str, day: str) -> Usage:
+        """That day's total (an empty Usage when nothing is stored)."""
+        ...
+
+    async def save_usage(self, principal: str, day: str, usage: Usage) -> None:
+        """Replace that day's total."""
+        ...
+
+
 class MemoryStore:
-    """Conversations in a dict of this process."""
+    """Conversations (and principals' usage) in dicts of this process."""
 
     durable = False
 
     def __init__(self) -> None:
         self._records: dict[str, ConversationRecord] = {}
+        self._usage: dict[tuple[str, str], Usage] = {}
+
+    async def load_usage(self, principal: str, day: str) -> Usage:
+        return self._usage.get((principal, day), Usage())
+
+    async def save_usage(self, principal: str, day: str, usage: Usage) -> None:
+        self._usage[(principal, day)] = usage
 
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         return self._records.get(conversation_id)
@@ -113,6 +139,24 @@ CREATE TABLE IF NOT EXISTS conversations (
 )
 """
 _COLUMNS = "id, agent, messages, turns, snapshot, skipped, meta, created_at, updated_at"
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS principal_usage (
+    principal TEXT NOT NULL,
+    day TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL,
+    cost_usd REAL,
+    requests INTEGER NOT NULL,
+    tool_calls INTEGER NOT NULL,
+    sandbox_seconds REAL NOT NULL,
+    PRIMARY KEY (principal, day)
+)
+"""
+_USAGE_COLUMNS = (
+    "prompt_tokens, completion_tokens, total_tokens, cost_usd, requests, tool_calls, "
+    "sandbox_seconds"
+)
 
 
 class SQLiteStore:
@@ -131,6 +175,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
+            self._db.execute(_USAGE_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"cannot open the conversation store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -172,6 +217,32 @@ class SQLiteStore:
             self._run, f"SELECT {_COLUMNS} FROM conversations ORDER BY created_at"
         )
         return [_record(r) for r in rows]
+
+    async def load_usage(self, principal: str, day: str) -> Usage:
+        rows = await asyncio.to_thread(
+            self._run,
+            f"SELECT {_USAGE_COLUMNS} FROM principal_usage WHERE principal = ? AND day = ?",
+            (principal, day),
+        )
+        return Usage(*rows[0]) if rows else Usage()
+
+    async def save_usage(self, principal: str, day: str, usage: Usage) -> None:
+        await asyncio.to_thread(
+            self._run,
+            f"INSERT OR REPLACE INTO principal_usage (principal, day, {_USAGE_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                principal,
+                day,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                usage.cost_usd,
+                usage.requests,
+                usage.tool_calls,
+                usage.sandbox_seconds,
+            ),
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,10 @@ A token file maps each token to its principal (TOML or JSON)::
     name = "alice"
     max_concurrent_runs = 2
     vault = { user = "alice" }
+    max_tokens_per_day = 200000      # budgets, across all of alice's runs
+    max_cost_usd_per_day = 5.0
+    max_sandboxes = 4
+    max_sandbox_memory_mb = 2048
 
     ["another-token"]
     name = "bob"
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -40,6 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 import grpc.aio
 
+from .._budget import PRINCIPAL_LIMITS as PRINCIPAL_BUDGETS
 from .._log import get_logger
 from ..errors import UsageError
 
@@ -71,6 +77,14 @@ class Principal:
     vault: Mapping[str, Any] = field(default_factory=dict, repr=False)
     max_concurrent_runs: int | None = None
     """Runs it may have in flight at once; None: the server's default."""
+    max_tokens_per_day: int | None = None
+    """Budget: model tokens its runs may spend per UTC day (None: no limit)."""
+    max_cost_usd_per_day: float | None = None
+    """Budget: USD of model requests its runs may spend per UTC day."""
+    max_sandboxes: int | None = None
+    """Budget: sandboxes its runs may hold at once (sub-agents' included)."""
+    max_sandbox_memory_mb: int | None = None
+    """Budget: the memory caps of its live sandboxes, added up, in MiB."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -82,7 +96,26 @@ class Principal:
             raise UsageError(f"principal {self.name!r}: max_concurrent_runs must be a whole number")
         if limit is not None and limit < 1:
             raise UsageError(f"principal {self.name!r}: max_concurrent_runs must be at least 1")
+        for key in PRINCIPAL_BUDGETS:
+            value = getattr(self, key)
+            whole = key != "max_cost_usd_per_day"
+            kinds = (int,) if whole else (int, float)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, kinds)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                kind = "a whole number" if whole else "a number"
+                raise UsageError(f"principal {self.name!r}: {key} must be {kind} >= 0")
         object.__setattr__(self, "vault", MappingProxyType(dict(self.vault)))
+
+    @property
+    def budgets(self) -> dict[str, float | None]:
+        """Its budgets by name (the token file's keys); None: no limit."""
+        return {key: getattr(self, key) for key in PRINCIPAL_BUDGETS}
 
 
 LOCAL = Principal("local")
@@ -134,7 +167,9 @@ class TokenTable:
     @classmethod
     def from_file(cls, path: str | Path) -> TokenTable:
         """Read a TOML (``.toml``) or JSON token file:
-        ``{token: {name, vault, max_concurrent_runs}}`` (or ``{token: name}``)."""
+        ``{token: {name, vault, max_concurrent_runs, max_tokens_per_day,
+        max_cost_usd_per_day, max_sandboxes, max_sandbox_memory_mb}}`` (or
+        ``{token: name}``)."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -198,7 +233,7 @@ def _add(tokens: dict[str, Principal], token: str, principal: Principal, where: 
     tokens[token] = principal
 
 
-_ENTRY_KEYS = {"name", "vault", "max_concurrent_runs"}
+_ENTRY_KEYS = {"name", "vault", "max_concurrent_runs", *PRINCIPAL_BUDGETS}
 
 
 def _parse_table(data: Any, where: str) -> dict[str, Principal]:
@@ -220,6 +255,7 @@ def _parse_table(data: Any, where: str) -> dict[str, Principal]:
             entry["name"],
             vault=entry.get("vault") or {},
             max_concurrent_runs=entry.get("max_concurrent_runs"),
+            **{key: entry.get(key) for key in PRINCIPAL_BUDGETS},
         )
         _add(tokens, token, principal, where)
     return tokens

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -43,7 +44,9 @@ from .._api_codec import (
     result_message,
     sandbox_message,
 )
-from .._driver import image_packages
+from .._budget import PrincipalBudget, day_of
+from .._ctx import bound
+from .._driver import current_budget, image_packages
 from .._log import get_logger
 from .._proto import controller_pb2 as pb
 from .._proto import controller_pb2_grpc as pb_grpc
@@ -51,7 +54,7 @@ from .._results import RunResult
 from .._run_files import check_input
 from ..agent import Agent, definition_of
 from ..agent import run as run_agent
-from ..config import MiB, check_config_keys, resolve_agent_config
+from ..config import AgentConfig, MiB, SandboxLimits, check_config_keys, resolve_agent_config
 from ..errors import (
     ConversationError,
     HumanRequestNotFound,
@@ -62,7 +65,7 @@ from ..errors import (
 )
 from ..prompt import build_system_prompt
 from ..sandbox import SandboxRuntime
-from ..store import ConversationStore, MemoryStore
+from ..store import ConversationStore, MemoryStore, UsageStore
 from .auth import Principal, current_principal
 
 __all__ = ["CLIENT_CONFIG_KEYS", "SERVICE_NAME", "ControllerService"]
@@ -239,6 +242,13 @@ class ControllerService(pb_grpc.ControllerServicer):
     ``images`` maps agent names to the image (environment) their runs use,
     over their own config and ``run_config``; others use their config's, or
     the runtime's.
+
+    Each principal's budgets (``max_tokens_per_day``...) are enforced across
+    its runs: a run, turn or agent start that finds one spent is refused
+    RESOURCE_EXHAUSTED, naming it and when it resets, and a run that spends
+    it stops with ``UsageLimitExceeded``. What each principal spent per UTC
+    day is saved in ``store`` (when it is a :class:`~legion.store.UsageStore`,
+    as both shipped stores are) after each run and at shutdown.
     """
 
     def __init__(
@@ -275,6 +285,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.max_conversations = max_conversations
         self.store: ConversationStore = store if store is not None else MemoryStore()
         self._conversations: dict[str, _Conversation] = {}
+        self._usage_store: UsageStore = (
+            self.store if isinstance(self.store, UsageStore) else MemoryStore()
+        )
+        self._budgets: dict[str, PrincipalBudget] = {}
         self.max_concurrent_runs = max_concurrent_runs
         self.max_event_streams = max_event_streams
         self._active: Counter[str] = Counter()
@@ -330,6 +344,8 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     async def aclose(self) -> None:
         await self.drain(0)
+        for name in list(self._budgets):
+            await self._save_usage(name)
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -439,6 +455,59 @@ class ControllerService(pb_grpc.ControllerServicer):
                 f"the most allowed (max_concurrent_runs={limit}); wait for one to finish",
             )
 
+    # budgets ---------------------------------------------------------------------------
+
+    async def _budget(self, principal: Principal) -> PrincipalBudget:
+        """The principal's budget node (its day's usage loaded from the store)."""
+        node = self._budgets.get(principal.name)
+        if node is None:
+            today = day_of(time.time())
+            spent = await self._usage_store.load_usage(principal.name, today)
+            node = self._budgets.setdefault(
+                principal.name, PrincipalBudget(principal.name, days={today: spent})
+            )
+        node.configure(principal.budgets)  # the authenticator's figures, as of this call
+        return node
+
+    async def _within_budget(
+        self,
+        principal: Principal,
+        context: grpc.aio.ServicerContext,
+        *,
+        sandbox: AgentConfig | None = None,
+    ) -> PrincipalBudget:
+        """RESOURCE_EXHAUSTED when a daily budget of the principal is spent,
+        or (given the run's config) its sandbox would not fit."""
+        node = await self._budget(principal)
+        memory = None
+        if sandbox is not None:
+            limits = sandbox.sandbox_limits or (
+                self.runtime.limits if self.runtime is not None else SandboxLimits()
+            )
+            memory = limits.memory_mb
+        exceeded = node.check_start(memory)
+        if exceeded is not None:
+            log.info("budget_refused", principal=principal.name, budget=exceeded.limit)
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{principal.name}: {exceeded.describe()}",
+            )
+        return node
+
+    async def _save_usage(self, name: str) -> None:
+        node = self._budgets.get(name)
+        if node is None:
+            return
+        days = node.unsaved()
+        try:
+            for day, usage in days.items():
+                await self._usage_store.save_usage(name, day, usage)
+        except Exception as exc:  # a full disk must not fail the run that ended
+            log.error("usage_not_saved", principal=name, error=repr(exc))
+            return
+        node.saved(days)
+
     # one run as a stream of updates ------------------------------------------------
 
     def _launch(
@@ -447,9 +516,15 @@ class ControllerService(pb_grpc.ControllerServicer):
         context = contextvars.copy_context()
         context.run(_serving.set, served)
         context.run(_vault._overlay, served.principal.vault)
+        budget = self._budgets.get(served.principal.name)
+        if budget is not None:  # the principal's budgets are above every run it starts
+            context.run(current_budget.set, budget)
 
         async def runner() -> RunResult:
-            return await work()
+            try:
+                return await work()
+            finally:
+                await self._save_usage(served.principal.name)
 
         task = asyncio.create_task(runner(), context=context)
         name = served.principal.name
@@ -541,6 +616,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         options = {**self._config_of(request.agent), **overrides}
         files = await self._files(request.files, context)
         await self._reserve(principal, context)
+        config = resolve_agent_config(
+            definition_of(agent).config, options, where=f"{request.agent}.config"
+        )
+        await self._within_budget(principal, context, sandbox=config)
         log.info("run_requested", principal=principal.name, agent=request.agent)
 
         def work() -> Awaitable[RunResult]:
@@ -586,16 +665,18 @@ class ControllerService(pb_grpc.ControllerServicer):
                 f"{principal.name} already has {mine} long-lived agents running, the most "
                 f"allowed (max_conversations={self.max_conversations}); stop one first",
             )
+        node = await self._within_budget(principal, context)
         try:
-            handle = await live_agents.start(
-                agent,
-                vault=principal.vault,
-                runtime=self.runtime,
-                store=self.store,
-                conversation_id=cid or None,
-                meta={"principal": principal.name, "agent": request.agent, "config": overrides},
-                **{**self._config_of(request.agent), **overrides},
-            )
+            with bound(current_budget, node):  # its turns spend the principal's day
+                handle = await live_agents.start(
+                    agent,
+                    vault=principal.vault,
+                    runtime=self.runtime,
+                    store=self.store,
+                    conversation_id=cid or None,
+                    meta={"principal": principal.name, "agent": request.agent, "config": overrides},
+                    **{**self._config_of(request.agent), **overrides},
+                )
         except (UsageError, ConversationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._conversations[handle.id] = _Conversation(principal.name, request.agent, handle)
@@ -665,6 +746,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         files = await self._files(request.files, context)
         handle = await self._conversation(principal, request.conversation_id, context)
         await self._reserve(principal, context)
+        await self._within_budget(principal, context)
 
         def work() -> Awaitable[RunResult]:
             # The turn runs in the call's context.
@@ -681,6 +763,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         await self._message(request.message, context)
         files = await self._files(request.files, context)
         handle = await self._conversation(principal, request.conversation_id, context)
+        await self._within_budget(principal, context)
         served = _Served(principal, self, conversation_id=handle.id, streamed=False)
         turn_context = contextvars.copy_context()
         turn_context.run(_serving.set, served)
