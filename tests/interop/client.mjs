@@ -9,7 +9,8 @@
 // (collecting the streamed events and the result), lists the live sandboxes
 // while the run's human request waits, answers it with RespondHuman, checks
 // that a call with a wrong token is refused, and prints a JSON summary on
-// stdout. Exit status 0 when every step worked. --file puts files in the
+// stdout (with each model request's reply as its llm.delta events streamed
+// it). Exit status 0 when every step worked. --file puts files in the
 // run's work directory; --out writes the files the run returned.
 
 import fs from "node:fs";
@@ -179,6 +180,26 @@ function run(agent, task) {
   });
 }
 
+// Streaming: the model's reply as the run's llm.delta events brought it,
+// per model request (start to stop), next to the reply the stop event carries.
+function streamedReplies(events) {
+  const requests = [];
+  let open = null;
+  for (const event of events) {
+    if (event.name === "llm.request.start") {
+      open = { deltas: [], attempts: [], reply: null };
+      requests.push(open);
+    } else if (event.name === "llm.delta" && open) {
+      open.deltas.push(event.data.text);
+      open.attempts.push(event.data.attempt);
+    } else if (event.name === "llm.request.stop" && open) {
+      open.reply = event.data.reply;
+      open = null;
+    }
+  }
+  return requests.map((r) => ({ ...r, streamed: r.deltas.join("") }));
+}
+
 async function main() {
   const listed = await unary("ListAgents", {});
   const agents = listed.agents.map((a) => ({
@@ -210,7 +231,8 @@ async function main() {
   ]);
   clearTimeout(grace);
   human.call.cancel();
-  return { agents, unauthenticated, run: runOutcome, human: humanRequest };
+  const streaming = streamedReplies(runOutcome.events);
+  return { agents, unauthenticated, run: runOutcome, human: humanRequest, streaming };
 }
 
 const timer = setTimeout(() => {

@@ -74,3 +74,26 @@ def test_node_client_lists_runs_and_answers_a_human(node: str, served: Served) -
     (sandbox,) = human["sandboxes_while_waiting"]
     assert sandbox["run_id"] == result["run_id"] and sandbox["agent"] == "Coder"
     assert sandbox["memory_bytes"] > 2**20
+
+
+def test_node_client_sees_the_reply_stream_in(node: str, served: Served) -> None:
+    """Streaming replies: a Node program gets each model request's
+    ``llm.delta`` events on the Run stream, before the request's stop, and
+    they add up to the reply."""
+    task = '#json {"from": "node", "n": [1, 2, 3]}'
+    done = subprocess.run(
+        [node, "client.mjs", "--address", served.address, "--agent", "Echo", "--task", task],
+        check=False,
+        cwd=HERE,
+        env={**os.environ, "LEGION_SERVER_TOKEN": served.tokens.alice},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["run"]["result"]["output"] == {"from": "node", "n": [1, 2, 3]}
+    (request,) = summary["streaming"]
+    reply = '{"action": "return", "result": {"from": "node", "n": [1, 2, 3]}}'
+    assert request["deltas"] and request["streamed"] == reply == request["reply"]
+    assert set(request["attempts"]) == {1}
