@@ -190,6 +190,7 @@ class Dashboard:
             "/login": self.login,
             "/logout": self.logout,
             "/humans/answer": self.answer,
+            "/humans/approve": self.approve,
             "/chat/start": self.chat_start,
             "/chat/send": self.chat_send,
             "/chat/stop": self.chat_stop,
@@ -523,6 +524,23 @@ class Dashboard:
                 await session.viewer.answer(ref, answer)
             except LegionError as exc:
                 session.flash = f"The answer was not taken: {exc}"
+        return _redirect("/humans")
+
+    async def approve(self, request: web.Request) -> web.StreamResponse:
+        session = await self._session(request, create=False)
+        form = await self._form(request, session)
+        decision = form.get("decision", "")
+        if decision not in ("approve", "refuse"):
+            session.flash = "Choose Approve or Refuse."
+        else:
+            try:
+                await session.viewer.decide(
+                    form.get("ref", ""),
+                    approved=decision == "approve",
+                    reason=form.get("reason", "").strip(),
+                )
+            except LegionError as exc:
+                session.flash = f"The decision was not taken: {exc}"
         return _redirect("/humans")
 
     async def sandboxes(self, request: web.Request) -> web.StreamResponse:

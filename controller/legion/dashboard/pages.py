@@ -48,10 +48,11 @@ def trace(state: LiveState, run: RunView) -> tuple[Safe, Safe]:
 
 
 def humans(state: LiveState, csrf: str) -> tuple[Safe, Safe]:
-    """The questions waiting, each with its answer form."""
+    """The questions waiting, each with its answer form, and the tool calls
+    held for approval, each with its approve / refuse form."""
     context = {"csrf": csrf}
     items = t.join(_item(state.human_item(h), context=context) for h in state.humans.values())
-    return t.render(t.HUMANS, items=items), t.item_templates(["human"], context)
+    return t.render(t.HUMANS, items=items), t.item_templates(["human", "approval"], context)
 
 
 def sandboxes(state: LiveState) -> tuple[Safe, Safe]:

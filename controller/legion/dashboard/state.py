@@ -116,6 +116,10 @@ def png_urls(artifacts: Any) -> list[str]:
     return urls[:8]
 
 
+APPROVAL_TEXT = 128 * 1024
+"""An approval's arguments are shown whole (the controller asks about at most 64 KiB)."""
+
+
 def text(value: Any, limit: int = TEXT) -> str:
     """Any event value as text a page shows (JSON for data), cut to ``limit``."""
     if value is None:
@@ -205,14 +209,18 @@ class RunView:
 
 @dataclass
 class HumanView:
-    """A question waiting for an answer."""
+    """A question waiting for an answer, or a tool call waiting for approval."""
 
     ref: str
     run_id: str
     agent: str
     question: str
+    """For an approval: the call, ``Tool.function``."""
     meta: str
+    """For an approval: its arguments, as JSON."""
     asked: float
+    approvers: str | None = None
+    """Set for an approval: who may decide (empty: the run's principal)."""
 
 
 @dataclass
@@ -293,6 +301,22 @@ class LiveState:
         )
 
     def human_item(self, human: HumanView) -> Item:
+        if human.approvers is not None:
+            return Item(
+                "approval",
+                human.ref,
+                {
+                    "agent": human.agent,
+                    "call": human.question,
+                    "args": human.meta,
+                    "approvers": human.approvers or "the run's principal",
+                    "asked": clock(human.asked),
+                    "short": human.run_id[:8],
+                    "ref": human.ref,
+                },
+                status="waiting",
+                links={"trace": trace_path(human.run_id)},
+            )
         return Item(
             "human",
             human.ref,
@@ -612,6 +636,34 @@ class LiveState:
         run.asked[ref] = entry.key
         return [*self._trace(run, entry), *self._humans_changed(added=[human])]
 
+    def _approval_request(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
+        ref = text(data.get("ref"), 200)
+        if not ref:
+            return []
+        tool, function = text(data.get("tool"), 200), text(data.get("function"), 200)
+        call = f"{tool}.{function}" if function else tool
+        approvers = data.get("approvers")
+        human = HumanView(
+            ref=ref,
+            run_id=run.run_id,
+            agent=text(data.get("agent"), 200) or run.agent,
+            question=call,
+            # All of it: an approver must see everything the call would run with.
+            meta=text({"args": data.get("args"), "kwargs": data.get("kwargs")}, APPROVAL_TEXT),
+            asked=time.time(),
+            approvers=", ".join(map(str, approvers)) if isinstance(approvers, list) else "",
+        )
+        self.humans[ref] = human
+        fields = {"question": f"approve {call}?", "meta": human.meta, "state": "waiting"}
+        entry = self._entry(run, "asked", fields, "waiting")
+        run.asked[ref] = entry.key
+        return [*self._trace(run, entry), *self._humans_changed(added=[human])]
+
+    def _approval_done(self, run: RunView, data: Mapping[str, Any]) -> list[Patch]:
+        state = "approved" if data.get("approved") is True else "refused"
+        who = text(data.get("principal"), 200)
+        return self._human_done(run, data, f"{state} by {who}" if who else state)
+
     def _human_done(self, run: RunView, data: Mapping[str, Any], state: str) -> list[Patch]:
         ref = text(data.get("ref"), 200)
         patches = []
@@ -624,8 +676,8 @@ class LiveState:
             patches.extend(self._humans_changed(gone=[ref]))
         return patches
 
-    def human_answered(self, ref: str) -> list[Patch]:
-        """The dashboard answered ``ref``: it is no longer waiting."""
+    def human_answered(self, ref: str, state: str = "answered") -> list[Patch]:
+        """The dashboard answered (or decided) ``ref``: it is no longer waiting."""
         human = self.humans.get(ref)
         if human is None:
             return []
@@ -633,7 +685,7 @@ class LiveState:
         if run is None:
             del self.humans[ref]
             return self._humans_changed(gone=[ref])
-        return self._human_done(run, {"ref": ref}, "answered")
+        return self._human_done(run, {"ref": ref}, state)
 
     # chats ---------------------------------------------------------------------------------
 
@@ -751,4 +803,9 @@ _HANDLERS: dict[str, _Handler] = {
     telemetry.HUMAN_REQUEST: LiveState._human_request,
     telemetry.HUMAN_RESPONSE: lambda state, run, data: state._human_done(run, data, "answered"),
     telemetry.HUMAN_TIMEOUT: lambda state, run, data: state._human_done(run, data, "timed out"),
+    telemetry.TOOL_APPROVAL: LiveState._approval_request,
+    telemetry.TOOL_APPROVAL_DECISION: LiveState._approval_done,
+    telemetry.TOOL_APPROVAL_TIMEOUT: lambda state, run, data: state._human_done(
+        run, data, "timed out"
+    ),
 }

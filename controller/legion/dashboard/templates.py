@@ -154,6 +154,22 @@ ITEMS: dict[str, Template] = {
         '<label>Answer <input type="text" name="answer" required autocomplete="off"></label>'
         '<button type="submit">Send answer</button></form></section>'
     ),
+    # tool calls held for approval, each with its approve / refuse form
+    "approval": Template(
+        '<section class="human approval" data-key="$key" data-status="$status">'
+        '<h2><span data-field="agent">$agent</span> wants to call '
+        '<code data-field="call">$call</code></h2>'
+        '<pre class="text meta-json" data-field="args">$args</pre>'
+        '<p class="meta">approver: <span data-field="approvers">$approvers</span> · asked '
+        '<span data-field="asked">$asked</span> in run '
+        '<a data-link="trace" href="$link_trace" data-field="short">$short</a></p>'
+        '<form method="post" action="/humans/approve" class="answer">'
+        '<input type="hidden" name="csrf" value="$csrf">'
+        '<input type="hidden" name="ref" data-value="ref" value="$ref">'
+        '<label>Reason <input type="text" name="reason" autocomplete="off"></label>'
+        '<button type="submit" name="decision" value="approve">Approve</button>'
+        '<button type="submit" name="decision" value="refuse">Refuse</button></form></section>'
+    ),
     "sandbox": Template(
         '<tr data-key="$key" data-status="$status">'
         '<td class="id" data-field="container">$container</td>'
@@ -335,7 +351,8 @@ DROPPED = Template('<li class="entry dropped">$count more entries were not kept.
 
 HUMANS = Template(
     "<h1>Human requests</h1>"
-    '<p class="hint">Questions that agents\' code is waiting on. The answer is sent as text.</p>'
+    '<p class="hint">Questions that agents\' code is waiting on (the answer is sent as text), '
+    "and tool calls held until a person approves them.</p>"
     '<div class="humans" data-list="humans">$items</div>'
     '<p class="empty">No question is waiting.</p>'
 )

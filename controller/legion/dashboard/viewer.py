@@ -209,3 +209,8 @@ class Viewer:
         """Answer a human request (RespondHuman) with text."""
         await self.client.respond_human(ref, answer)
         self.publish(self.state.human_answered(ref))
+
+    async def decide(self, ref: str, *, approved: bool, reason: str) -> None:
+        """Approve or refuse a held tool call (RespondApproval)."""
+        await self.client.respond_approval(ref, approved=approved, reason=reason)
+        self.publish(self.state.human_answered(ref, "approved" if approved else "refused"))
