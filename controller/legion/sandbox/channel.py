@@ -391,8 +391,9 @@ class SyncConnection(Connection):
         try:
             for message in requests:
                 deliver(message)
-        except grpc.RpcError as exc:
-            reason = f"stream failed: {exc!r}"
+        except grpc.RpcError:
+            # grpc's synchronous request iterator says no more than this.
+            reason = "the runner's stream broke: the runner went away"
         except Exception as exc:  # a broken stream ends this stream only
             reason = f"stream failed: {exc!r}"
         self._finish(reason)
