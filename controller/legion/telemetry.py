@@ -71,8 +71,10 @@ event and, uncut, add up to the ``stdout`` and ``stderr`` its result keeps."""
 LLM_DELTA = "llm.delta"
 """Text of a model reply as it streams in (only while someone is subscribed, and
 only from models that stream: :class:`legion.models.LiteLLMModel`): ``text``,
-the characters that arrived since the previous delta. A request's deltas come
-before its ``llm.request.stop`` and add up to that event's ``reply``: at most
+the characters that arrived since the previous delta, and ``attempt`` (1, or
+the retry of the request they belong to). They come before the request's
+``llm.request.stop``, and those of the attempt that answered add up to that
+event's ``reply``: at most
 :data:`EXCERPT_CHARS` characters of text, then (when the reply was longer) one
 last delta with the marker that says how much was cut."""
 
