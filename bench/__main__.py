@@ -7,7 +7,8 @@ Measured in one run on this machine, all with the same snippet
   acquire, a cold start to the first result, idle memory, the delay from a
   print to its line on the host (bench/live_output.py), an MCP tool call
   from sandbox code against the same server called from the host
-  (bench/mcp_calls.py); the data
+  (bench/mcp_calls.py); 100 overlapping tool calls with ``.map`` and 10,000
+  sequential ones from one step (bench/fanout.py); the data
   environment's cold start and first run with and without preload
   (bench/environments.py);
 - `docker run --rm --network none <image> python3 -c ...`, the floor of a
@@ -62,7 +63,7 @@ import docker
 
 import legion
 
-from . import environments, files, live_output, mcp_calls, peer_setup, remote, scaling
+from . import environments, fanout, files, live_output, mcp_calls, peer_setup, remote, scaling
 from .common import (
     EXPECTED_STDOUT,
     SNIPPET,
@@ -239,6 +240,7 @@ async def bench_ours(smoke: bool, log: Measures) -> tuple[dict[str, Any], str | 
             measures.update(warm or {})
             measures.update(await live_output.measure(runtime, smoke, log))
             measures.update(await mcp_calls.measure(runtime, smoke, log))
+            measures.update(await fanout.measure(runtime, smoke, log))
             rates.update(await files.measure(runtime, smoke, log))
             scaled, found = await scaling.measure(runtime, smoke, log)
             rates.update(found)

@@ -90,7 +90,12 @@ def build_system_prompt(
             "`Tool.function(arg)` (or `function(arg)` for a plain-function tool). Arguments and "
             "results are JSON values (str, int, float, bool, None, list, dict). A failed call "
             "raises an exception named after the tool's error (catch it, or `ToolError` for "
-            "any). Tools run outside the sandbox on your behalf."
+            "any). Tools run outside the sandbox on your behalf.\n"
+            "Many calls at once, without threads: `Tool.function.map(items)` calls it once per "
+            "item concurrently and returns the results in order (one failure raises after all "
+            "ran; `return_exceptions=True` keeps each error in its item's place), and async code "
+            "can `await asyncio.gather(*(Tool.afunction(x) for x in items))` (`function.aio(x)` "
+            "for a plain-function tool)."
         ]
         for tool in definition.tools:
             tool_parts.append(f"### {tool.name}\n```python\n{tool.source}\n```")

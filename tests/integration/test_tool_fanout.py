@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+from bench import fanout
+from bench.common import Measures
 
 import legion
 
@@ -181,3 +183,16 @@ async def test_a_timeout_during_map_stops_the_code(runtime: legion.SandboxRuntim
         assert result.timed_out
         later = await sandbox.run("1 + 1")
         assert later.value == 2
+
+
+async def test_the_bench_measures_run_and_record_their_goals(
+    runtime: legion.SandboxRuntime,
+) -> None:
+    log = Measures(fail="")
+    found = await fanout.measure(runtime, True, log)
+    assert log.failures == {}
+    mapped, sequential = found["tool_map_100x10ms"], found["tool_calls_10k_sequential"]
+    assert mapped["n"] == 2 and mapped["goal_ms"] == 150.0 and isinstance(mapped["met"], bool)
+    # 100 calls of 10 ms, 16 at a time, cannot take less than 7 rounds.
+    assert mapped["p50_ms"] >= 70.0
+    assert sequential["n"] == 1 and sequential["calls"] == 1000
