@@ -47,7 +47,7 @@ import functools
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -210,11 +210,7 @@ def respond(ref: str, answer: Any) -> None:
         raise UsageError(
             f"{ref!r} is an approval request: decide it with respond_approval(ref, approved=...)"
         )
-    waiting = _pending.pop(ref, None)
-    if waiting is None:
-        raise _not_waiting("human request", ref)
-    future = waiting.answer
-    future.get_loop().call_soon_threadsafe(_settle, future, answer)
+    _deliver(ref, "human request", answer)
 
 
 def respond_approval(
@@ -241,12 +237,35 @@ def respond_approval(
             f"{', '.join(request.approvers)} to decide, not {who}",
             code="PERMISSION_DENIED",
         )
+    _deliver(ref, "approval request", ApprovalDecision(approved, reason, principal))
+
+
+def _deliver(ref: str, what: str, value: Any) -> None:
+    """Settle the waiting request ``ref`` with ``value``, from any thread."""
     waiting = _pending.pop(ref, None)
     if waiting is None:
-        raise _not_waiting("approval request", ref)
-    decision = ApprovalDecision(approved, reason, principal)
+        raise _not_waiting(what, ref)
     future = waiting.answer
-    future.get_loop().call_soon_threadsafe(_settle, future, decision)
+    future.get_loop().call_soon_threadsafe(_settle, future, value)
+
+
+@contextlib.contextmanager
+def _waiting(
+    request: HumanRequest | ApprovalRequest,
+    answering: Callable[[Any], Any] | None,
+    deliver: Callable[[Any], None],
+) -> Iterator[asyncio.Future[Any]]:
+    """Register ``request`` as waiting (and hand it to the handler, if any);
+    yields the future its answer settles. Unregistered on the way out."""
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    _pending[request.ref] = _Pending(request, answer)
+    task = asyncio.create_task(_ask_handler(answering, request, deliver)) if answering else None
+    try:
+        yield answer
+    finally:
+        _pending.pop(request.ref, None)
+        if task is not None and not task.done():
+            task.cancel()
 
 
 def _settle(future: asyncio.Future[Any], answer: Any) -> None:
@@ -283,17 +302,8 @@ class Human:
             parent_run_id=parent,
             meta=MappingProxyType(dict(meta or {})),
         )
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        _pending[request.ref] = _Pending(request, answer)
-        answering = _handler.get()
-        task = (
-            asyncio.create_task(
-                _ask_handler(answering, request, functools.partial(respond, request.ref))
-            )
-            if answering
-            else None
-        )
-        try:
+        deliver = functools.partial(respond, request.ref)
+        with _waiting(request, _handler.get(), deliver) as answer:
             telemetry.emit(
                 telemetry.HUMAN_REQUEST,
                 ref=request.ref,
@@ -308,10 +318,6 @@ class Human:
                 raise TimeoutError(f"nobody answered the question within {timeout:g} s") from None
             telemetry.emit(telemetry.HUMAN_RESPONSE, ref=request.ref)
             return value
-        finally:
-            _pending.pop(request.ref, None)
-            if task is not None and not task.done():
-                task.cancel()
 
 
 async def _ask_handler(
@@ -377,18 +383,9 @@ async def hold_for_approval(
         run_id=run_id,
         parent_run_id=parent,
     )
-    decision: asyncio.Future[ApprovalDecision] = asyncio.get_running_loop().create_future()
-    _pending[request.ref] = _Pending(request, decision)
-    answering = _approval_handler.get()
-    task = (
-        asyncio.create_task(
-            _ask_handler(answering, request, functools.partial(_decide, request.ref))
-        )
-        if answering
-        else None
-    )
     who = {"ref": request.ref, "approvers": list(request.approvers)}
-    try:
+    deliver = functools.partial(_decide, request.ref)
+    with _waiting(request, _approval_handler.get(), deliver) as decision:
         telemetry.emit(
             telemetry.TOOL_APPROVAL,
             **who,
@@ -400,7 +397,9 @@ async def hold_for_approval(
             timeout=approval.timeout,
         )
         try:
-            decided = await asyncio.wait_for(asyncio.shield(decision), approval.timeout)
+            decided: ApprovalDecision = await asyncio.wait_for(
+                asyncio.shield(decision), approval.timeout
+            )
         except TimeoutError:
             telemetry.emit(telemetry.TOOL_APPROVAL_TIMEOUT, **who, timeout=approval.timeout)
             return (
@@ -408,19 +407,15 @@ async def hold_for_approval(
                 f"{label} needs a person's approval and nobody decided within "
                 f"{approval.timeout:g} s; the call did not run",
             )
-        telemetry.emit(
-            telemetry.TOOL_APPROVAL_DECISION,
-            **who,
-            approved=decided.approved,
-            reason=decided.reason,
-            principal=decided.principal,
-        )
-        if decided.approved:
-            return None
-        by = f" by {decided.principal}" if decided.principal else ""
-        why = f": {decided.reason}" if decided.reason.strip() else ""
-        return ("ApprovalRefused", f"{label} was refused{by}{why}; the call did not run")
-    finally:
-        _pending.pop(request.ref, None)
-        if task is not None and not task.done():
-            task.cancel()
+    telemetry.emit(
+        telemetry.TOOL_APPROVAL_DECISION,
+        **who,
+        approved=decided.approved,
+        reason=decided.reason,
+        principal=decided.principal,
+    )
+    if decided.approved:
+        return None
+    by = f" by {decided.principal}" if decided.principal else ""
+    why = f": {decided.reason}" if decided.reason.strip() else ""
+    return ("ApprovalRefused", f"{label} was refused{by}{why}; the call did not run")

@@ -7,57 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import legion
-from legion.testing import FakeOpenAIServer
-from tests.server.conftest import (
-    Tokens,
-    server_env,
-    start_server,
-    stop_cleanly,
-    write_token_file,
-)
-from tests.server.test_approvals import LEDGER_ENV, REFUND, refunds
+from tests.server import test_approvals as served_approvals
+from tests.server.conftest import ServerProcess, Tokens
+from tests.server.test_approvals import REFUND, refunds
 
 from .conftest import DASHBOARD_LINE, HERE, Served
+
+# The controller-side approval tests' server (it also serves a dashboard) and ledger.
+approvals_server = served_approvals.approvals_server
+ledger = served_approvals.ledger
 
 pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ledger") / "refunds.jsonl"
-
-
-@pytest.fixture(scope="module")
-def approvals_dashboard(
-    docker_ready: None,
-    fake_model: FakeOpenAIServer,
-    tokens: Tokens,
-    ledger: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Served]:
-    """`legion serve --dashboard` offering the approval tests' agents."""
-    where = tmp_path_factory.mktemp("approvals-dashboard")
-    server = start_server(
-        [
-            *("--agents", "tests.server.test_approvals:AGENTS"),
-            *("--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0"),
-            *("--tokens", str(write_token_file(where, tokens)), "--grace-seconds", "2"),
-        ],
-        server_env(fake_model, **{LEDGER_ENV: str(ledger)}),
-        where,
-    )
-    try:
-        found = [m.group(1) for line in server.stdout if (m := DASHBOARD_LINE.search(line))]
-        assert found, f"no dashboard line in {server.stdout}"
-        yield Served(server, tokens, found[0])
-    finally:
-        stop_cleanly(server)
+def approvals_dashboard(approvals_server: ServerProcess, tokens: Tokens) -> Served:
+    found = [m.group(1) for line in approvals_server.stdout if (m := DASHBOARD_LINE.search(line))]
+    assert found, f"no dashboard line in {approvals_server.stdout}"
+    return Served(approvals_server, tokens, found[0])
 
 
 async def test_a_held_call_is_approved_from_the_humans_page(

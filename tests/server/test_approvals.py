@@ -18,7 +18,14 @@ from legion.client import RemoteEvent
 from legion.human import requires_approval
 from legion.testing import FakeOpenAIServer
 
-from .conftest import Tokens, server_env, start_server, stop_cleanly, write_token_file
+from .conftest import (
+    ServerProcess,
+    Tokens,
+    server_env,
+    start_server,
+    stop_cleanly,
+    write_token_file,
+)
 from .support import next_event
 
 pytestmark = pytest.mark.docker
@@ -71,32 +78,34 @@ def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def address(
+def approvals_server(
     docker_ready: None,
     fake_model: FakeOpenAIServer,
     tokens: Tokens,
     ledger: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
+) -> Iterator[ServerProcess]:
+    """`legion serve --dashboard` offering AGENTS, its tools writing to ``ledger``
+    (the dashboard's approval test shares it)."""
     where = tmp_path_factory.mktemp("approvals")
     server = start_server(
         [
-            "--agents",
-            f"{__name__}:AGENTS",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens",
-            str(write_token_file(where, tokens)),
-            "--grace-seconds",
-            "2",
+            *("--agents", f"{__name__}:AGENTS"),
+            *("--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0"),
+            *("--tokens", str(write_token_file(where, tokens)), "--grace-seconds", "2"),
         ],
         server_env(fake_model, **{LEDGER_ENV: str(ledger)}),
         where,
     )
     try:
-        yield server.address
+        yield server
     finally:
         stop_cleanly(server)
+
+
+@pytest.fixture(scope="module")
+def address(approvals_server: ServerProcess) -> str:
+    return approvals_server.address
 
 
 @pytest.fixture
