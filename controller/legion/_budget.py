@@ -138,19 +138,18 @@ class Budget:
     def before_request(self) -> Exceeded | None:
         """Why no model request may be sent now (a budget tripped, or no
         tokens or dollars left), or None."""
-        with _lock:
-            for node in self.chain():
-                found = node.tripped() or node._over(strict=False, only=_MODEL_LIMITS)
-                if found is not None:
-                    node.trip(found)
-                    return found
-        return None
+        return self._first_spent(_MODEL_LIMITS)
 
-    def before_step(self) -> Exceeded | None:
-        """Why no code step may start now, or None."""
+    def exceeded_now(self) -> Exceeded | None:
+        """Why no code step may start or go on now: a budget here or above
+        tripped, or its sandbox seconds are spent (measured up to this
+        moment). A spent one trips. None: none is."""
+        return self._first_spent(("max_sandbox_seconds",))
+
+    def _first_spent(self, limits: tuple[str, ...]) -> Exceeded | None:
         with _lock:
             for node in self.chain():
-                found = node.tripped() or node._over(strict=False, only=("max_sandbox_seconds",))
+                found = node.tripped() or node._over(strict=False, only=limits)
                 if found is not None:
                     node.trip(found)
                     return found
@@ -216,17 +215,6 @@ class Budget:
                 mine = (allowed - node._seconds_now(now)) / rate
                 left = mine if left is None else min(left, mine)
         return left
-
-    def exceeded_now(self) -> Exceeded | None:
-        """A budget here or above that is spent now (sandbox seconds are
-        measured up to this moment; a spent one trips), or None."""
-        with _lock:
-            for node in self.chain():
-                found = node.tripped() or node._over(strict=False, only=("max_sandbox_seconds",))
-                if found is not None:
-                    node.trip(found)
-                    return found
-        return None
 
     # sandboxes (a principal's allowance; a run's budget has none) -----------------
 

@@ -353,7 +353,7 @@ class RunDriver:
         return self.sandbox
 
     async def _run_code(self, step: RunCode) -> Step:
-        self._check(self.budget.before_step())
+        self._check(self.budget.exceeded_now())
         sandbox = await self._sandbox_now()
         with telemetry.span(
             telemetry.ITERATION, index=self.machine.iterations + 1, complete=step.complete

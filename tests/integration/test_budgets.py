@@ -58,6 +58,28 @@ async def containers_of(runtime: legion.SandboxRuntime, run_ids: set[str]) -> li
     return [s.container_id for s in await runtime.sandboxes(memory=False) if s.run_id in run_ids]
 
 
+async def lead_over_budget(
+    runtime: legion.SandboxRuntime,
+    lead: ScriptedModel,
+    researcher_step: str,
+    researcher_tokens: int,
+    **budget: float,
+) -> tuple[legion.UsageLimitExceeded, list[legion.telemetry.Event]]:
+    """Run Lead with ``budget``; its researcher repeats one step forever.
+    The error it stops with, and every event of the run and its sub-agent."""
+    researcher = ScriptedModel(lambda messages: researcher_step, tokens_per_reply=researcher_tokens)
+    events, unsubscribe = recorder()
+    try:
+        with (
+            use_models({"Researcher": researcher}),
+            pytest.raises(legion.UsageLimitExceeded) as caught,
+        ):
+            await legion.run(Lead, "lead", model=lead, runtime=runtime, **budget)
+    finally:
+        unsubscribe()
+    return caught.value, events
+
+
 @pytest.fixture(autouse=True)
 def _fresh_ledger() -> None:
     Ledger.calls = 0
@@ -120,19 +142,9 @@ async def test_sub_agents_spend_their_callers_budget(runtime: legion.SandboxRunt
     lead = ScriptedModel(
         [action("eval_and_complete", "SubAgents.call('Researcher', 'dig')")], tokens_per_reply=5
     )
-    researcher = ScriptedModel(
-        lambda messages: action("eval_and_continue", "Ledger.tick()"), tokens_per_reply=5
+    exc, events = await lead_over_budget(
+        runtime, lead, action("eval_and_continue", "Ledger.tick()"), 5, max_tool_calls=4
     )
-    events, unsubscribe = recorder()
-    try:
-        with (
-            use_models({"Researcher": researcher}),
-            pytest.raises(legion.UsageLimitExceeded) as caught,
-        ):
-            await legion.run(Lead, "lead", model=lead, runtime=runtime, max_tool_calls=4)
-    finally:
-        unsubscribe()
-    exc = caught.value
     assert exc.limit == "max_tool_calls" and exc.scope == "run of Lead"
     # the lead's one call (SubAgents.call) and the researcher's three ticks
     assert Ledger.calls == 3
@@ -160,19 +172,9 @@ async def test_a_sub_agent_stops_when_its_caller_runs_out_of_tokens(
     lead = ScriptedModel(
         [action("eval_and_complete", "SubAgents.call('Researcher', 'dig')")], tokens_per_reply=5
     )
-    researcher = ScriptedModel(
-        lambda messages: action("eval_and_continue", "1"), tokens_per_reply=400
+    exc, events = await lead_over_budget(
+        runtime, lead, action("eval_and_continue", "1"), 400, max_tokens=2000
     )
-    events, unsubscribe = recorder()
-    try:
-        with (
-            use_models({"Researcher": researcher}),
-            pytest.raises(legion.UsageLimitExceeded) as caught,
-        ):
-            await legion.run(Lead, "lead", model=lead, runtime=runtime, max_tokens=2000)
-    finally:
-        unsubscribe()
-    exc = caught.value
     assert exc.limit == "max_tokens" and exc.scope == "run of Lead"
     spent = [
         e.data["usage"].total_tokens

@@ -138,6 +138,10 @@ async def test_a_principal_over_its_daily_cost_is_refused(budgeted: Budgeted) ->
             with pytest.raises(legion.ResourceExhausted, match="max_cost_usd_per_day"):
                 await frank.run("Echo", "#json 2")
             assert (await bob.run("Echo", "#json 3")).output == 3
+            # A client may set a run's own budget (lower than the server's, if it has one).
+            with pytest.raises(legion.UsageLimitExceeded, match="run of Echo") as caught:
+                await bob.run("Echo", "#json 4", max_tokens=1)
+            assert "max_tokens=1 " in str(caught.value)
     finally:
         stop_cleanly(server)
 

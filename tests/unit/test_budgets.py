@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,9 @@ import legion
 from legion._budget import Budget, PrincipalBudget, day_of, next_reset
 from legion.config import resolve_agent_config
 from legion.models import ModelReply
+from legion.server.auth import Principal, TokenTable
+from legion.server.service import _only_lower
+from legion.store import MemoryStore, SQLiteStore
 from legion.testing import action
 
 
@@ -122,7 +127,7 @@ def test_sandbox_seconds_count_running_steps() -> None:
     seconds = budget.step_ended(step)
     assert seconds >= 0.05
     assert budget.own.sandbox_seconds == pytest.approx(seconds)
-    assert budget.before_step() is not None
+    assert budget.exceeded_now() is not None
 
 
 def test_a_principal_budget_is_per_utc_day_and_says_when_it_resets() -> None:
@@ -208,3 +213,61 @@ async def test_a_conversation_budget_covers_every_turn() -> None:
         assert model.requests == 3
     finally:
         await handle.stop()
+
+
+# --- the server's side: token table, store, client overrides ----------------------------------
+
+
+def test_the_token_file_takes_budgets(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        '["tok-a"]\nname = "alice"\nmax_tokens_per_day = 1000\nmax_cost_usd_per_day = 2.5\n'
+        'max_sandboxes = 2\nmax_sandbox_memory_mb = 512\n\n["tok-b"]\nname = "bob"\n'
+    )
+    table = TokenTable.from_file(path)
+    alice = asyncio.run(table.authenticate("tok-a"))
+    bob = asyncio.run(table.authenticate("tok-b"))
+    assert alice is not None and bob is not None
+    assert alice.budgets == {
+        "max_tokens_per_day": 1000,
+        "max_cost_usd_per_day": 2.5,
+        "max_sandboxes": 2,
+        "max_sandbox_memory_mb": 512,
+    }
+    assert set(bob.budgets.values()) == {None}
+    path.write_text('["tok-a"]\nname = "alice"\nmax_sandboxes = -1\n')
+    with pytest.raises(legion.UsageError, match="max_sandboxes"):
+        TokenTable.from_file(path)
+    path.write_text('["tok-a"]\nname = "alice"\nmax_tokens_a_day = 5\n')
+    with pytest.raises(legion.UsageError, match="max_tokens_a_day"):
+        TokenTable.from_file(path)
+    # Principals made elsewhere (a JWT authenticator) take the same keywords.
+    assert Principal("carol", max_tokens_per_day=10).budgets["max_tokens_per_day"] == 10
+
+
+async def test_usage_per_principal_and_day_survives_reopening_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path)
+    spent = legion.Usage(90, 10, 100, 0.5, 2, 3, 1.25)
+    await store.save_usage("alice", "2030-05-01", spent)
+    store.close()
+    again = SQLiteStore(path)
+    try:
+        assert await again.load_usage("alice", "2030-05-01") == spent
+        assert await again.load_usage("alice", "2030-05-02") == legion.Usage()
+        assert await again.load_usage("bob", "2030-05-01") == legion.Usage()
+    finally:
+        again.close()
+    memory = MemoryStore()
+    await memory.save_usage("alice", "2030-05-01", spent)
+    assert await memory.load_usage("alice", "2030-05-01") == spent
+
+
+def test_a_client_may_only_lower_the_servers_budget() -> None:
+    server = legion.AgentConfig(max_tokens=1000)
+    _only_lower({"max_tokens": 10}, server)
+    _only_lower({"max_cost_usd": 10}, server)  # the server sets none: any
+    with pytest.raises(legion.UsageError, match="only lower"):
+        _only_lower({"max_tokens": 5000}, server)
+    with pytest.raises(legion.UsageError, match="only lower"):
+        _only_lower({"max_tokens": None}, server)

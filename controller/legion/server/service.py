@@ -54,7 +54,14 @@ from .._results import RunResult
 from .._run_files import check_input
 from ..agent import Agent, definition_of
 from ..agent import run as run_agent
-from ..config import AgentConfig, MiB, SandboxLimits, check_config_keys, resolve_agent_config
+from ..config import (
+    BUDGET_KEYS,
+    AgentConfig,
+    MiB,
+    SandboxLimits,
+    check_config_keys,
+    resolve_agent_config,
+)
 from ..errors import (
     ConversationError,
     HumanRequestNotFound,
@@ -85,11 +92,13 @@ CLIENT_CONFIG_KEYS = frozenset(
         "model_timeout",
         "model_retries",
         "model_retry_backoff",
+        *BUDGET_KEYS,
     }
 )
 """AgentConfig keys a request's ``config_json`` may set. The others (model,
 api_base, api_key, sandbox_limits) are the server's: a client that could set
-``api_base`` would receive the server's model API key."""
+``api_base`` would receive the server's model API key. A budget
+(``max_tokens``...) may only be lowered below the server's."""
 
 EVENT_BUFFER = 1000
 """Events one stream holds for a client that reads slowly; more are dropped."""
@@ -214,6 +223,19 @@ def _describe(
         image=image,
         packages=listed,
     )
+
+
+def _only_lower(overrides: Mapping[str, Any], server: AgentConfig) -> None:
+    """UsageError for a client's budget above the server's own (or lifting it)."""
+    for key in BUDGET_KEYS:
+        ours = getattr(server, key)
+        if key in overrides and ours is not None:
+            theirs = overrides[key]
+            if theirs is None or (isinstance(theirs, (int, float)) and theirs > ours):
+                raise UsageError(
+                    f"config key {key}={theirs!r} is above the server's {ours!r}; a client "
+                    "may only lower a budget"
+                )
 
 
 async def _abort(
@@ -433,6 +455,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                 definition_of(agent).config,
                 {**self.run_config, **overrides},
                 where=f"{name}.config",
+            )
+            _only_lower(
+                overrides, resolve_agent_config(definition_of(agent).config, self.run_config)
             )
         except (UsageError, TypeError) as exc:
             await _abort(context, invalid, str(exc))
