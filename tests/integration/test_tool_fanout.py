@@ -8,8 +8,10 @@ after its timeout) instead of passing slowly."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from bench import fanout
@@ -19,6 +21,7 @@ import legion
 
 pytestmark = pytest.mark.docker
 
+ROOT = Path(__file__).resolve().parents[2]
 PARTIES = 8
 BARRIER_TIMEOUT = 20.0
 
@@ -196,3 +199,24 @@ async def test_the_bench_measures_run_and_record_their_goals(
     # 100 calls of 10 ms, 16 at a time, cannot take less than 7 rounds.
     assert mapped["p50_ms"] >= 70.0
     assert sequential["n"] == 1 and sequential["calls"] == 1000
+
+
+async def test_the_readme_example_runs_as_documented(runtime: legion.SandboxRuntime) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    [block] = [b for b in blocks if "Orders.get.map(order_ids)" in b]
+
+    class Orders:
+        def get(self, order_id: int) -> int:
+            if order_id < 0:
+                raise KeyError(order_id)
+            return order_id * 10
+
+        def total(self, order_id: int, currency: str) -> str:
+            return f"{order_id} {currency}"
+
+    prelude = "order_ids = [1, 2, 3]\nids = [4, -1]\ncurrencies = ['EUR', 'USD']\n"
+    shown = "\n[rows, totals, [k if isinstance(k, int) else type(k).__name__ for k in kept]]"
+    async with legion.Sandbox(runtime=runtime, tools=[Orders]) as sandbox:
+        result = await sandbox.run(prelude + block + shown)
+    assert result.ok, result.error
+    assert result.value == [[10, 20, 30], ["4 EUR", "-1 USD"], [40, "KeyError"]]
