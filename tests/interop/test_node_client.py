@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -26,12 +27,10 @@ TASK = (
 )
 
 
-def test_node_client_lists_runs_and_answers_a_human(node: str, served: Served) -> None:
+def node_client(node: str, served: Served, *args: str) -> dict[str, Any]:
+    """Run client.mjs against ``served`` as alice; its JSON summary."""
     done = subprocess.run(
-        [
-            *(node, "client.mjs", "--address", served.address),
-            *("--agent", "Coder", "--task", TASK, "--answer", ANSWER),
-        ],
+        [node, "client.mjs", "--address", served.address, *args],
         check=False,
         cwd=HERE,
         env={**os.environ, "LEGION_SERVER_TOKEN": served.tokens.alice},
@@ -40,7 +39,12 @@ def test_node_client_lists_runs_and_answers_a_human(node: str, served: Served) -
         timeout=180,
     )
     assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    summary: dict[str, Any] = json.loads(done.stdout)
+    return summary
+
+
+def test_node_client_lists_runs_and_answers_a_human(node: str, served: Served) -> None:
+    summary = node_client(node, served, "--agent", "Coder", "--task", TASK, "--answer", ANSWER)
 
     agents = {agent["name"]: agent for agent in summary["agents"]}
     assert set(agents) == {"Echo", "Coder", "Counter", "Keeper", "Editor"}
@@ -81,17 +85,7 @@ def test_node_client_sees_the_reply_stream_in(node: str, served: Served) -> None
     ``llm.delta`` events on the Run stream, before the request's stop, and
     they add up to the reply."""
     task = '#json {"from": "node", "n": [1, 2, 3]}'
-    done = subprocess.run(
-        [node, "client.mjs", "--address", served.address, "--agent", "Echo", "--task", task],
-        check=False,
-        cwd=HERE,
-        env={**os.environ, "LEGION_SERVER_TOKEN": served.tokens.alice},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    summary = node_client(node, served, "--agent", "Echo", "--task", task)
     assert summary["run"]["result"]["output"] == {"from": "node", "n": [1, 2, 3]}
     (request,) = summary["streaming"]
     reply = '{"action": "return", "result": {"from": "node", "n": [1, 2, 3]}}'
