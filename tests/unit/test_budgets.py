@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import legion
+from legion._api_codec import error_message, run_error
 from legion._budget import Budget, PrincipalBudget, day_of, next_reset
 from legion.config import resolve_agent_config
 from legion.models import ModelReply
@@ -271,3 +272,17 @@ def test_a_client_may_only_lower_the_servers_budget() -> None:
         _only_lower({"max_tokens": 5000}, server)
     with pytest.raises(legion.UsageError, match="only lower"):
         _only_lower({"max_tokens": None}, server)
+
+
+def test_usage_limit_exceeded_keeps_its_type_over_the_wire() -> None:
+    sent = legion.UsageLimitExceeded(
+        "Echo: the run of Echo's budget max_tokens=1 is spent (30 counted)",
+        run_id="r1",
+        usage=legion.Usage(25, 5, 30, None, 1),
+        iterations=0,
+        limit="max_tokens",
+    )
+    got = run_error(error_message(sent, "r1"))
+    assert isinstance(got, legion.UsageLimitExceeded)
+    assert str(got) == str(sent) and got.run_id == "r1"
+    assert got.usage.total_tokens == 30
