@@ -6,6 +6,7 @@ tests/integration/test_tool_fanout.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import queue
 import sys
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 
 import legion
+from legion._proto import sandbox_pb2 as controller_pb
+from legion.sandbox.tools import MAX_QUEUED_CALLS, ToolDispatcher, toolset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox_image"))
 from legion_runner import runner
@@ -256,3 +259,32 @@ def test_the_system_prompt_tells_the_model_in_one_line() -> None:
     lines = [line for line in legion.prompt_for(Shop).splitlines() if ".map(items)" in line]
     assert len(lines) == 1 and "Tool.afunction(x)" in lines[0]
     assert ".map(" not in legion.prompt_for(Plain)
+
+
+async def test_the_controller_holds_a_bounded_number_of_calls_per_sandbox() -> None:
+    opened = asyncio.Event()
+
+    async def wait_open(i: int) -> int:
+        await opened.wait()
+        return i
+
+    dispatcher = ToolDispatcher(
+        toolset([wait_open]), timeout=30, max_concurrent=4, rate=1e6, max_message=1 << 20
+    )
+    context = contextvars.copy_context()
+
+    def call(i: int) -> controller_pb.ToolCall:
+        return controller_pb.ToolCall(call_id=str(i), tool="wait_open", args_json=f"[{i}]")
+
+    held = [
+        asyncio.create_task(dispatcher.handle(call(i), context)) for i in range(MAX_QUEUED_CALLS)
+    ]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in held)
+    over = await asyncio.wait_for(dispatcher.handle(call(-1), context), 1)
+    assert over.error.type == "ToolRateLimited" and "already waiting" in over.error.message
+    opened.set()
+    results = await asyncio.gather(*held)
+    assert [json.loads(r.value.json) for r in results] == list(range(MAX_QUEUED_CALLS))
+    again = await dispatcher.handle(call(7), context)  # room again once they ended
+    assert again.value.json == "7"

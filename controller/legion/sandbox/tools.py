@@ -284,6 +284,12 @@ class _RateLimit:
         return wait
 
 
+MAX_QUEUED_CALLS = 1024
+"""Tool calls of one sandbox waiting for a slot or in one; a call past it
+fails at once with ``ToolRateLimited``. However many calls sandbox code
+sends at once (threads, ``.map``, ``asyncio.gather``, or a hostile runner),
+the controller holds no more than this many for it."""
+
 MAX_ERROR_MESSAGE = 16 * 1024
 """A tool's error message is cut to this many characters: it must fit in a
 message under the smallest allowed limit, and a model gains nothing past it."""
@@ -333,6 +339,7 @@ class ToolDispatcher:
         self.tools = tools
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._queued = 0  # calls waiting for a slot or holding one
         self._rate = _RateLimit(rate)
         self._rate_mode = rate_mode
         self._max_message = max_message
@@ -381,25 +388,37 @@ class ToolDispatcher:
             if traced
             else {}
         )
-        async with self._slots:
-            # The turn is taken with a concurrency slot held, so calls start at
-            # most at the rate: taken before, calls queued behind a slow one
-            # would all start at once when it ends. Holding the slot cannot
-            # deadlock: the wait is a timer, bounded, never another call.
-            refused = await self._await_turn(call.call_id, label)
-            if refused is not None:
-                return refused
-            with telemetry.span(
-                telemetry.TOOL_CALL, tool=call.tool, function=call.function, **extra
-            ) as stop:
-                result = await self._invoke(
-                    call.call_id, label, fn, args=args, kwargs=kwargs, context=context
-                )
-                if result.WhichOneof("outcome") == "error":
-                    stop["error"] = f"{result.error.type}: {result.error.message[:200]}"
-                elif traced:
-                    stop["result"] = telemetry.excerpt(result.value.json or result.value.repr)
-            return result
+        if self._queued >= MAX_QUEUED_CALLS:
+            return _error(
+                call.call_id,
+                "ToolRateLimited",
+                f"{label}: {MAX_QUEUED_CALLS} tool calls of this sandbox are already waiting "
+                "or running; wait for some results before making more (Tool.function.map and "
+                "the async stubs keep 64 in flight)",
+            )
+        self._queued += 1
+        try:
+            async with self._slots:
+                # The turn is taken with a concurrency slot held, so calls start at
+                # most at the rate: taken before, calls queued behind a slow one
+                # would all start at once when it ends. Holding the slot cannot
+                # deadlock: the wait is a timer, bounded, never another call.
+                refused = await self._await_turn(call.call_id, label)
+                if refused is not None:
+                    return refused
+                with telemetry.span(
+                    telemetry.TOOL_CALL, tool=call.tool, function=call.function, **extra
+                ) as stop:
+                    result = await self._invoke(
+                        call.call_id, label, fn, args=args, kwargs=kwargs, context=context
+                    )
+                    if result.WhichOneof("outcome") == "error":
+                        stop["error"] = f"{result.error.type}: {result.error.message[:200]}"
+                    elif traced:
+                        stop["result"] = telemetry.excerpt(result.value.json or result.value.repr)
+                return result
+        finally:
+            self._queued -= 1
 
     async def _await_turn(self, call_id: str, label: str) -> pb.ToolResult | None:
         """Wait for this call's turn under the rate; the error when it gets none."""
