@@ -9,6 +9,7 @@ after its timeout) instead of passing slowly."""
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,3 +221,18 @@ async def test_the_readme_example_runs_as_documented(runtime: legion.SandboxRunt
         result = await sandbox.run(prelude + block + shown)
     assert result.ok, result.error
     assert result.value == [[10, 20, 30], ["4 EUR", "-1 USD"], [40, "KeyError"]]
+
+
+async def test_mcp_tools_fan_out_too(runtime: legion.SandboxRuntime) -> None:
+    # The bench's echo server: the official mcp SDK over stdio, no network.
+    server = legion.MCP.stdio(
+        sys.executable, ["-m", "bench.mcp_echo_server"], cwd=str(ROOT), name="Echo"
+    )
+    code = "import asyncio\n[Echo.echo.map(['a', 'b', 'c']), asyncio.run(Echo.aecho(text='d'))]"
+    try:
+        async with legion.Sandbox(runtime=runtime, tools=[server]) as sandbox:
+            result = await sandbox.run(code)
+    finally:
+        await server.close()
+    assert result.ok, result.error
+    assert result.value == [["a", "b", "c"], "d"]
