@@ -74,7 +74,10 @@ def test_legion_run_prints_the_code_output_on_stderr_as_it_comes(
     while chunk := os.read(process.stderr.fileno(), 65536):
         printed += chunk
         if when_first is None and re.search(rb"\n    \| live first \S+\n", printed):
-            when_first = (SECOND.encode() in printed, process.poll() is not None)
+            # The second output line, not the code's text: stderr also shows
+            # the model's reply (the code) as it streams in.
+            second = f"\n    | {SECOND}".encode()
+            when_first = (second in printed, process.poll() is not None)
     answer = process.stdout.read()
     assert process.wait(timeout=60) == 0, printed.decode(errors="replace")
     assert answer.strip() == b"null"
