@@ -20,7 +20,6 @@ goal is reported there, not as a failed measure (a busy machine is slower).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -101,13 +100,3 @@ async def measure(runtime: legion.SandboxRuntime, smoke: bool, log: Measures) ->
     if sequential is not None:
         found["tool_calls_10k_sequential"] = sequential
     return found
-
-
-if __name__ == "__main__":  # a quick look: python -m bench.fanout
-    import asyncio
-
-    async def main() -> None:
-        async with legion.SandboxRuntime(pool_size=1) as runtime:
-            print(json.dumps(await measure(runtime, False, Measures()), indent=2))
-
-    asyncio.run(main())
