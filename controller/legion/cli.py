@@ -220,6 +220,52 @@ def _run(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def _add_identity_options(serve: argparse.ArgumentParser) -> None:
+    """`legion serve`'s --auth and --jwt-* options (README: "Identity")."""
+    serve.add_argument(
+        "--auth",
+        metavar="MODULE:FACTORY",
+        help="your own Authenticator: FACTORY() returns an object with "
+        "`async def authenticate(token) -> Principal | None`",
+    )
+    serve.add_argument(
+        "--jwt-jwks", metavar="FILE", help="accept JWTs signed by the keys of this JWKS file"
+    )
+    serve.add_argument("--jwt-issuer", metavar="ISS", help="the issuer JWTs must name (iss)")
+    serve.add_argument("--jwt-audience", metavar="AUD", help="the audience JWTs must name (aud)")
+    serve.add_argument(
+        "--jwt-principal-claim",
+        default="sub",
+        metavar="CLAIM",
+        help="the claim naming the principal (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--jwt-vault-claim",
+        action="append",
+        metavar="CLAIM[=KEY]",
+        help="put a claim into the principal's vault (under KEY); repeatable",
+    )
+    serve.add_argument(
+        "--jwt-principal-defaults",
+        metavar="JSON|FILE",
+        help="Principal fields for every JWT principal, e.g. "
+        "'{\"max_concurrent_runs\": 2}' (JSON, or a .json/.toml file)",
+    )
+    serve.add_argument(
+        "--jwt-algorithm",
+        action="append",
+        metavar="ALG",
+        help="allow only these algorithms (repeatable; default: every asymmetric one)",
+    )
+    serve.add_argument(
+        "--jwt-leeway",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="clock skew allowed for exp and nbf (default: 0)",
+    )
+
+
 def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve", help="serve a registry of agents over gRPC (the controller service)"
@@ -241,6 +287,7 @@ def _add_serve_and_run(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="FILE",
         help="token file (TOML or JSON): token -> principal; LEGION_TOKENS adds name=token pairs",
     )
+    _add_identity_options(serve)
     serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the server's private key")
     serve.add_argument(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
+import pkgutil
 import re
 import sys
 import time
@@ -23,7 +25,7 @@ from ..client import Client
 from ..errors import LegionError, UsageError
 from .app import ServerSettings, check_dashboard, check_listen, load_registry
 from .app import serve as serve_forever
-from .auth import TokenTable
+from .auth import Authenticator, Principal, TokenTable
 
 USAGE_EXIT = 2
 _LINES = re.compile(r"[^\n]*\n|[^\n]+")
@@ -45,7 +47,7 @@ def serve(args: argparse.Namespace) -> int:
             logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         agents = load_registry(args.agents)
-        authenticator = TokenTable.load(args.tokens)
+        authenticator = authenticator_from(args)
         settings = ServerSettings(
             listen=args.listen,
             authenticator=authenticator,
@@ -124,6 +126,114 @@ def mcp(args: argparse.Namespace) -> int:
         print(f"legion mcp: {exc}", file=sys.stderr)
         return USAGE_EXIT
     return 0
+
+
+# --- identity: --tokens, --auth, --jwt-* -------------------------------------
+
+
+def authenticator_from(args: argparse.Namespace) -> Authenticator | None:
+    """The server's authenticator from ``--tokens`` (and ``LEGION_TOKENS``),
+    ``--auth`` and ``--jwt-*``; several are tried in that order, the first to
+    accept a token wins. None when none is given."""
+    found: list[Authenticator] = []
+    table = TokenTable.load(args.tokens)
+    if table is not None:
+        found.append(table)
+    if args.auth:
+        found.append(load_authenticator(args.auth))
+    jwt_options = {
+        "--jwt-issuer": args.jwt_issuer,
+        "--jwt-audience": args.jwt_audience,
+        "--jwt-principal-defaults": args.jwt_principal_defaults,
+        "--jwt-vault-claim": args.jwt_vault_claim,
+        "--jwt-algorithm": args.jwt_algorithm,
+    }
+    if args.jwt_jwks:
+        found.append(_jwt_authenticator(args))
+    elif given := [flag for flag, value in jwt_options.items() if value]:
+        raise UsageError(f"{', '.join(given)} need --jwt-jwks FILE (the keys tokens are signed by)")
+    if not found:
+        return None
+    # a plugin's answers are checked (FirstOf): a wrong type is a server error, not a caller
+    return found[0] if len(found) == 1 and not args.auth else FirstOf(found)
+
+
+def _jwt_authenticator(args: argparse.Namespace) -> Authenticator:
+    from .jwt_auth import (  # noqa: PLC0415 - PyJWT only when asked for
+        ASYMMETRIC_ALGORITHMS,
+        JWTAuthenticator,
+        load_principal_defaults,
+        parse_vault_claims,
+    )
+
+    if not args.jwt_issuer or not args.jwt_audience:
+        raise UsageError(
+            "--jwt-jwks needs --jwt-issuer and --jwt-audience: a token is accepted only "
+            "when it names both"
+        )
+    defaults = args.jwt_principal_defaults
+    return JWTAuthenticator.from_file(
+        args.jwt_jwks,
+        issuer=args.jwt_issuer,
+        audience=args.jwt_audience,
+        algorithms=args.jwt_algorithm or ASYMMETRIC_ALGORITHMS,
+        principal_claim=args.jwt_principal_claim,
+        vault_claims=parse_vault_claims(args.jwt_vault_claim or []),
+        principal_defaults=load_principal_defaults(defaults) if defaults else None,
+        leeway=args.jwt_leeway,
+    )
+
+
+def load_authenticator(spec: str) -> Authenticator:
+    """``--auth module:factory``: the factory (a class or function, called with
+    no arguments) makes the authenticator; an authenticator object is taken as
+    it is. Raises :class:`legion.UsageError` saying what is wrong."""
+    if ":" not in spec or spec.startswith(":") or spec.endswith(":"):
+        raise UsageError(f"--auth names the factory as package.module:factory, got {spec!r}")
+    try:
+        target = pkgutil.resolve_name(spec)
+    except Exception as exc:
+        raise UsageError(f"--auth {spec}: cannot load it: {type(exc).__name__}: {exc}") from None
+    made = target
+    if callable(target) and not _is_authenticator(target):
+        try:
+            made = target()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            raise UsageError(f"--auth {spec}: the factory raised {problem}") from None
+    if not _is_authenticator(made):
+        raise UsageError(
+            f"--auth {spec} gave {made!r}, not an Authenticator: it needs a method "
+            "`async def authenticate(self, token: str) -> Principal | None`"
+        )
+    authenticator: Authenticator = made
+    return authenticator
+
+
+def _is_authenticator(value: Any) -> bool:
+    method = getattr(value, "authenticate", None)
+    return not isinstance(value, type) and inspect.iscoroutinefunction(method)
+
+
+class FirstOf:
+    """An authenticator that asks several in turn; the first principal found wins.
+    An answer that is neither a Principal nor None raises TypeError (the
+    interceptor answers INTERNAL and logs it)."""
+
+    def __init__(self, authenticators: list[Authenticator]) -> None:
+        self.authenticators = tuple(authenticators)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        for authenticator in self.authenticators:
+            principal = await authenticator.authenticate(token)
+            if principal is not None and not isinstance(principal, Principal):
+                raise TypeError(
+                    f"{authenticator!r}.authenticate returned {type(principal).__name__}, "
+                    "not a Principal or None"
+                )
+            if principal is not None:
+                return principal
+        return None
 
 
 def images(values: list[str]) -> dict[str, Any]:
