@@ -3,7 +3,6 @@
 - exec latency against output size (1 KB to 10 MB) and against the number of
   sandboxes running at once (1, 4, 16, 64);
 - single-use sandboxes a second (acquire, run, remove) on this machine;
-- controller CPU per tool call;
 - the agent loop's own overhead per iteration with a model that answers at
   once, for 1 and 20 agents at a time;
 - warm exec, tool call and cold start under gVisor (runsc), when registered.
@@ -107,17 +106,6 @@ async def single_use_per_second(total: int, concurrency: int = 4) -> float:
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return total / (time.perf_counter() - start)
-
-
-async def controller_cpu_per_tool_call(runtime: legion.SandboxRuntime, calls: int) -> float:
-    """Milliseconds of this process's CPU per tool call (one run making ``calls``)."""
-    async with legion.Sandbox(runtime=runtime, tools=[count_chars]) as sandbox:
-        await sandbox.run("count_chars('warm')")
-        code = f"for _ in range({calls}):\n    count_chars('x')\n'done'"
-        start = time.process_time()
-        result = await sandbox.run(code)
-        check(result.value, "done", f"value of a loop of {calls} tool calls", error=result.error)
-        return (time.process_time() - start) * 1000 / calls
 
 
 class Idle(legion.Agent):
@@ -225,11 +213,6 @@ async def measure(
     )
     await put(
         rates, "single-use sandboxes per second", lambda: single_use_per_second(4 if smoke else 40)
-    )
-    await put(
-        rates,
-        "controller CPU ms per tool call",
-        lambda: controller_cpu_per_tool_call(runtime, 50 if smoke else 1000),
     )
     if log.run_sync("runsc registered", runsc_registered):
         await merge("under_gvisor", lambda: under_gvisor(3 if smoke else 100, log))

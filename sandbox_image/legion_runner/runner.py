@@ -16,22 +16,15 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
-import ctypes
-import dataclasses
-import datetime
-import decimal
-import enum
 import json
 import linecache
 import os
-import pathlib
 import queue
 import resource
 import sys
 import threading
 import time
 import traceback
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -135,18 +128,23 @@ class HostRepr(str):
 def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return list(value)
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
+    # A value of one of these types exists only if its module was imported:
+    # look each up where it lives rather than importing it at start.
+    modules = sys.modules
+    if (dt := modules.get("datetime")) is not None:
+        if isinstance(value, (dt.datetime, dt.date, dt.time)):
+            return value.isoformat()
+        if isinstance(value, dt.timedelta):
+            return value.total_seconds()
+    if (dec := modules.get("decimal")) is not None and isinstance(value, dec.Decimal):
         return str(value)
-    if isinstance(value, enum.Enum):
+    if (en := modules.get("enum")) is not None and isinstance(value, en.Enum):
         return value.value
-    if isinstance(value, pathlib.PurePath):
+    if (pl := modules.get("pathlib")) is not None and isinstance(value, pl.PurePath):
         return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+    dc = modules.get("dataclasses")
+    if dc is not None and dc.is_dataclass(value) and not isinstance(value, type):
+        return dc.asdict(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
@@ -504,6 +502,8 @@ class Runner:
                 pending.settle(None)  # the waiter raises ExecutionCancelled
             ident = self._worker.ident
         if ident is not None:
+            import ctypes  # noqa: PLC0415 - only when code must be stopped, not at start
+
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
                 ctypes.c_ulong(ident), ctypes.py_object(ExecutionCancelled)
             )
@@ -855,7 +855,7 @@ class Runner:
                 tool=tool,
                 function=function,
             )
-        call_id = uuid.uuid4().hex
+        call_id = os.urandom(12).hex()
         pending = _PendingCall(exec_id, on_done)
         with self._lock:
             self._pending[call_id] = pending

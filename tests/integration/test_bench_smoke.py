@@ -71,7 +71,7 @@ def test_a_failed_measure_is_reported_and_the_others_still_run(
     # warm_exec is the basis of every ratio, so the report must do without it.
     failed = [
         "warm_exec",
-        "controller CPU ms per tool call",
+        "channel sync cpu per call",
         "exec_vs_*",
         "agent_iteration_*",
         "single-use sandboxes per second",
@@ -95,7 +95,7 @@ def test_a_failed_measure_is_reported_and_the_others_still_run(
     failures = results["failures"]
     expected = {
         "warm_exec",
-        "controller CPU ms per tool call",
+        "channel sync cpu per call",
         "exec_vs_output_size",
         "exec_vs_concurrency",
         "agent_iteration_1_agent",
@@ -128,4 +128,4 @@ def test_a_failed_measure_is_reported_and_the_others_still_run(
     assert f"FAILED ({len(failures)})" in run.stdout
     assert "  warm_exec: InjectedFailure: warm_exec failed on purpose" in run.stdout
     assert f"bench: {len(failures)} measure(s) failed:" in run.stderr
-    assert "bench:   controller CPU ms per tool call: InjectedFailure:" in run.stderr
+    assert "bench:   channel sync cpu per call: InjectedFailure:" in run.stderr

@@ -477,6 +477,7 @@ class SyncChannelServer(_Tokens):
 
 ChannelServer = AioChannelServer | SyncChannelServer
 CHANNEL_ENV = "LEGION_CHANNEL"
+DEFAULT_CHANNEL = "sync"
 
 
 def channel_server(
@@ -484,7 +485,7 @@ def channel_server(
 ) -> ChannelServer:
     """The channel server of ``kind`` ("aio" or "sync"; default: the
     ``LEGION_CHANNEL`` environment variable, else "sync")."""
-    kind = kind or os.environ.get(CHANNEL_ENV) or "sync"
+    kind = kind or os.environ.get(CHANNEL_ENV) or DEFAULT_CHANNEL
     if kind == "aio":
         return AioChannelServer(socket_path, max_message_bytes=max_message_bytes)
     if kind == "sync":
