@@ -177,13 +177,24 @@ async def test_async_stubs_overlap_in_the_codes_event_loop(
         assert after.value == "1 EUR"
 
 
-async def test_a_timeout_during_map_stops_the_code(runtime: legion.SandboxRuntime) -> None:
+GATHER_STUCK = (
+    "import asyncio\n"
+    "async def main():\n"
+    "    return await asyncio.gather(stuck.aio(1), stuck.aio(2))\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.mark.parametrize("code", ["stuck.map(range(4))", GATHER_STUCK])
+async def test_a_timeout_while_calls_are_out_stops_the_code(
+    runtime: legion.SandboxRuntime, code: str
+) -> None:
     def stuck(x: int) -> int:
         time.sleep(3)
         return x
 
     async with legion.Sandbox(runtime=runtime, tools=[stuck]) as sandbox:
-        result = await sandbox.run("stuck.map(range(4))", timeout=1)
+        result = await sandbox.run(code, timeout=1)
         assert result.timed_out
         later = await sandbox.run("1 + 1")
         assert later.value == 2

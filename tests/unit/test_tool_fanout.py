@@ -237,6 +237,9 @@ def test_a_tool_stub_has_async_forms_unless_a_host_function_has_the_name() -> No
     assert stub.aget.__qualname__ == "Store.aget"  # the host's own function wins
     assert stub.get.aio.__qualname__ == "Store.get.aio"
     assert stub.aaget.__qualname__ == "Store.aget.aio"
+    # A snapshot saves them as references to the tool, as the functions themselves.
+    assert r._tool_refs[id(stub.aaget)] == ("tool", "Store", "aaget")
+    assert r._resolve_ref(("tool", "Store", "aaget")) is stub.aaget
     assert "return_exceptions=True" in (stub.get.map.__doc__ or "")
 
 
