@@ -28,6 +28,7 @@ from . import human, store, telemetry, vault
 from ._mcp_client import MCP
 from .agent import Agent, RunResult, prompt_for, run, run_sync
 from .client import Client, SyncClient
+from .compose import parallel, pipeline
 from .config import AgentConfig, SandboxLimits
 from .errors import (
     BackendError,
@@ -130,6 +131,8 @@ __all__ = [
     "__version__",
     "expose",
     "human",
+    "parallel",
+    "pipeline",
     "pool",
     "prompt_for",
     "run",

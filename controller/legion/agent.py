@@ -28,6 +28,7 @@ import pydantic
 
 from . import telemetry
 from . import vault as _vault
+from ._blocking import run_blocking
 from ._driver import RunDriver, image_packages, prepare
 from ._log import get_logger
 from ._loop import ACTIONS, ALL_ACTIONS, InvalidOutput
@@ -327,5 +328,8 @@ async def run(
 
 
 def run_sync(agent: type[Agent], task: str, **kwargs: Any) -> RunResult:
-    """:func:`run` for code without an event loop."""
-    return asyncio.run(run(agent, task, **kwargs))
+    """:func:`run`, blocking until the answer; it works where an event loop is
+    already running too (Jupyter, a web handler): there the run goes to a loop
+    of its own on a worker thread, and the calling thread (with its loop)
+    waits for it. In async code, ``await legion.run(...)`` instead."""
+    return run_blocking(run(agent, task, **kwargs))

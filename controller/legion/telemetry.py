@@ -32,6 +32,7 @@ saw; the vault never is.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -40,8 +41,18 @@ from types import MappingProxyType
 from typing import Any
 
 from ._log import get_logger
+from .errors import UsageError
 
-__all__ = ["EVENTS", "EXCERPT_CHARS", "Event", "active", "excerpt", "span", "subscribe"]
+__all__ = [
+    "EVENTS",
+    "EXCERPT_CHARS",
+    "Event",
+    "active",
+    "excerpt",
+    "log_events",
+    "span",
+    "subscribe",
+]
 
 log = get_logger("legion.telemetry")
 
@@ -179,6 +190,47 @@ def subscribe(handler: Handler) -> Callable[[], None]:
             _handlers.remove(handler)
 
     return unsubscribe
+
+
+# --- log_events: one log line per event ----------------------------------------
+
+
+def log_events(
+    level: int | str = logging.INFO,
+    *,
+    logger: logging.Logger | str = "legion.events",
+    value_chars: int = 200,
+) -> Callable[[], None]:
+    """Log every event as one line, at ``level``, to ``logger`` (a stdlib
+    logger or its name); returns a function that stops it. Each field's value
+    is cut to ``value_chars`` characters::
+
+        legion.telemetry.log_events()        # with logging configured, e.g. basicConfig
+        # INFO legion.events run.stop run=3f2a9c01 agent='Echo' iterations=1 duration=0.41 ...
+    """
+    if isinstance(level, str):
+        named = logging.getLevelName(level.upper())
+        if not isinstance(named, int):
+            raise UsageError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+        level = named
+    target = logging.getLogger(logger) if isinstance(logger, str) else logger
+
+    def line(event: Event) -> None:
+        if not target.isEnabledFor(level):
+            return
+        parts = [event.name]
+        if event.run_id:
+            parts.append(f"run={event.run_id[:8]}")
+        if event.parent_run_id:
+            parts.append(f"parent={event.parent_run_id[:8]}")
+        for key, value in event.data.items():
+            shown = f"{value:.2f}" if isinstance(value, float) else repr(value)
+            if len(shown) > value_chars:
+                shown = f"{shown[:value_chars]}...({len(shown) - value_chars} more)"
+            parts.append(f"{key}={shown}")
+        target.log(level, " ".join(parts))
+
+    return subscribe(line)
 
 
 def active() -> bool:

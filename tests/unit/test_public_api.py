@@ -9,6 +9,7 @@ PUBLIC = [
     "run_sync", "telemetry", "vault",
     # long-lived and cooperating agents
     "AgentHandle", "AgentPool", "Human", "SubAgents", "human", "pool", "start", "store",
+    "parallel", "pipeline",
     # a controller service (legion serve)
     "Client", "SyncClient",
     # sandboxes
