@@ -1,7 +1,7 @@
 // Drives Debian's chromium (headless, through playwright-core) through the
 // dashboard of a real `legion serve --dashboard`. Run by test_dashboard.py:
 //
-//   node browse.mjs --url http://127.0.0.1:PORT --token T --scenario live|hostile
+//   node browse.mjs --url http://127.0.0.1:PORT --token T --scenario live|hostile|streaming
 //                   [--screenshots DIR] [--answer TEXT]
 //
 // It signs in, prints {"step": "ready"} once its pages are open and live (the
@@ -16,6 +16,8 @@
 // hostile: a run whose model reply, code, output and question hold HTML and
 //          script is shown as text on the live pages and the trace, and runs
 //          nothing.
+// streaming: a run's trace, opened while the model's reply streams in, shows
+//          the reply growing until the model call is done.
 
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -203,6 +205,33 @@ async function scenarioLive(context) {
   };
 }
 
+// streaming: the trace of a run whose model reply streams in slowly, opened
+// while the reply still comes: the model call's reply grows on the page (every
+// text it showed is noted) until the call is done.
+async function scenarioStreaming(context) {
+  const tree = await signIn(context);
+  emit({ step: "ready" });
+  const run = tree.locator("ul.tree > li.run");
+  await run.first().waitFor({ timeout: WAIT });
+  const runId = await run.first().getAttribute("data-key");
+  const trace = await context.newPage();
+  await open(trace, `/runs/${runId}`);
+  const reply = trace.locator('li.entry.llm [data-field="reply"]').first();
+  await reply.waitFor({ timeout: WAIT });
+  await trace.evaluate(() => {
+    const node = document.querySelector('li.entry.llm [data-field="reply"]');
+    window.__replies = [node.textContent];
+    const note = () => window.__replies.push(node.textContent);
+    new MutationObserver(note).observe(node, { childList: true, characterData: true, subtree: true });
+  });
+  await trace.locator('li.entry.llm[data-status="done"]').first().waitFor({ timeout: WAIT });
+  return {
+    run_id: runId,
+    replies: await trace.evaluate(() => window.__replies),
+    final: await reply.textContent(),
+  };
+}
+
 async function scenarioHostile(context) {
   const tree = await signIn(context);
   const side = await context.newPage();
@@ -264,7 +293,7 @@ try {
       "--disable-sync",
     ],
   });
-  const scenarios = { live: scenarioLive, hostile: scenarioHostile };
+  const scenarios = { live: scenarioLive, hostile: scenarioHostile, streaming: scenarioStreaming };
   const scenario = scenarios[opts.scenario];
   if (!scenario) {
     throw new Error(`unknown scenario ${opts.scenario}`);
