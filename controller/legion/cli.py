@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from . import __version__
 from .errors import LegionError, UsageError
 from .store import default_store_path
 
@@ -423,6 +424,9 @@ def _add_mcp(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legion", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"legion {__version__}", help="print the version"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     image = commands.add_parser("image", help="the sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True)
