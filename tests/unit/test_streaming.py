@@ -171,3 +171,31 @@ def test_pieces_closer_than_the_interval_go_out_together(
     feed.close()
     sent = [(e.data["text"], e.data["attempt"]) for e in deltas(events)]
     assert sent == [("ab", 3), ("cdefghij", 3), (telemetry.cut_marker(4), 3)]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Reply(status=429, error_message="slow down", retry_after=0.01), Reply(status=500)],
+    ids=["429", "500"],
+)
+async def test_a_refused_streamed_request_is_retried_as_before(
+    events: list[telemetry.Event], fault: Reply
+) -> None:
+    async with FakeOpenAIServer([fault, REPLY]) as server:
+        reply = await ask(model(server, retries=1))
+    assert reply.content == REPLY
+    assert [r["stream"] for r in server.requests] == [True, True]
+    assert {e.data["attempt"] for e in deltas(events)} == {2}
+    assert "".join(e.data["text"] for e in deltas(events)) == REPLY
+
+
+async def test_a_bad_request_is_an_error_either_way_and_streaming_stays_on(
+    events: list[telemetry.Event],
+) -> None:
+    """A 400 that the plain request gets too was not about streaming."""
+    refusal = Reply(status=400, error_message="this model refuses the request")
+    async with FakeOpenAIServer([refusal, refusal, REPLY]) as server:
+        with pytest.raises(legion.ModelError, match="refused the request: BadRequestError"):
+            await ask(model(server))
+        assert (await ask(model(server))).content == REPLY
+    assert [r.get("stream") for r in server.requests] == [True, None, True]
