@@ -224,7 +224,12 @@ class LiteLLMModel:
             log.info("model_streaming_refused", model=self.name, error=type(exc).__name__)
             return response
         feed.close()
-        return litellm.stream_chunk_builder(chunks, messages=kwargs["messages"])
+        response = litellm.stream_chunk_builder(chunks, messages=kwargs["messages"])
+        if response is None:  # no chunk at all: as a dropped connection, retried
+            raise errors.APIConnectionError(
+                message="the reply stream ended without a chunk", llm_provider="", model=self.name
+            )
+        return response
 
 
 def _not_about_streaming(errors: Any) -> tuple[type[BaseException], ...]:
