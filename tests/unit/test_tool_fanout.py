@@ -11,6 +11,7 @@ import json
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,10 @@ def test_map_keeps_a_window_of_calls_in_flight() -> None:
             daemon=True,
         )
         worker.start()
-        worker.join(0.5)
+        deadline = time.monotonic() + 10
+        while host.peak < runner._FANOUT_WINDOW and time.monotonic() < deadline:
+            worker.join(0.01)
+        worker.join(0.2)  # time for more to go out, were the window not kept
         assert worker.is_alive() and host.peak == runner._FANOUT_WINDOW
         host.release()  # the rest go out as answers free the window
         worker.join(10)
@@ -170,7 +174,8 @@ def test_map_raises_cancelled_when_the_execution_is_cancelled() -> None:
     worker = threading.Thread(target=mapper, daemon=True)
     try:
         worker.start()
-        while len(host.calls) < 4:
+        deadline = time.monotonic() + 10
+        while len(host.calls) < 4 and time.monotonic() < deadline:
             worker.join(0.01)
         r._worker = worker
         r._cancel("exec-1")
