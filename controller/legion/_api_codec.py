@@ -222,6 +222,8 @@ def usage_message(usage: Usage | None) -> pb.Usage:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         requests=usage.requests,
+        tool_calls=usage.tool_calls,
+        sandbox_seconds=usage.sandbox_seconds,
     )
     if usage.cost_usd is not None:
         message.cost_usd = usage.cost_usd
@@ -235,6 +237,8 @@ def usage_of(message: pb.Usage) -> Usage:
         total_tokens=message.total_tokens,
         cost_usd=message.cost_usd if message.HasField("cost_usd") else None,
         requests=message.requests,
+        tool_calls=message.tool_calls,
+        sandbox_seconds=message.sandbox_seconds,
     )
 
 
@@ -285,7 +289,7 @@ def run_result(message: pb.RunResult) -> RunResult:
 def error_message(exc: BaseException, run_id: str) -> pb.RunError:
     """How a run that started and failed ends its stream."""
     if isinstance(exc, errors.RunError):
-        return pb.RunError(
+        message = pb.RunError(
             run_id=exc.run_id or run_id,
             type=type(exc).__name__,
             message=str(exc),
@@ -293,7 +297,31 @@ def error_message(exc: BaseException, run_id: str) -> pb.RunError:
             usage=usage_message(exc.usage),
             messages_json=to_json(exc.messages),
         )
+        if isinstance(exc, errors.UsageLimitExceeded):
+            _budget_fields(exc, message)
+        return message
     return pb.RunError(run_id=run_id, type=type(exc).__name__, message=str(exc) or repr(exc))
+
+
+def _budget_fields(exc: errors.UsageLimitExceeded, message: pb.RunError) -> None:
+    """Which budget ``exc`` spent, and whose, into ``message``."""
+    message.limit = exc.limit
+    message.scope = exc.scope
+    for name in ("allowed", "used"):
+        value = getattr(exc, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(message, name, float(value))
+    if isinstance(exc.counted, Usage):
+        message.counted.CopyFrom(usage_message(exc.counted))
+
+
+def _figure(message: pb.RunError, name: str) -> float | None:
+    """A budget figure as sent; a count (tokens, calls, MiB) as an int again."""
+    if not message.HasField(name):
+        return None
+    value: float = getattr(message, name)
+    measured = "cost" in message.limit or "seconds" in message.limit
+    return int(value) if value.is_integer() and not measured else value
 
 
 def _error_types() -> dict[str, type[LegionError]]:
@@ -310,10 +338,25 @@ _RUN_ERROR_TYPES = _error_types()
 
 def run_error(message: pb.RunError) -> LegionError:
     """A RunError message as the exception an embedded run would have raised,
-    carrying ``run_id``, ``iterations``, ``usage`` and ``messages``."""
+    carrying ``run_id``, ``iterations``, ``usage`` and ``messages`` (and, for
+    :class:`legion.UsageLimitExceeded`, ``limit``, ``allowed``, ``used``,
+    ``scope`` and ``counted``)."""
     usage = usage_of(message.usage)
     history = _loads(message.messages_json, [])
     kind = _RUN_ERROR_TYPES.get(message.type)
+    if kind is errors.UsageLimitExceeded:
+        return errors.UsageLimitExceeded(
+            message.message,
+            run_id=message.run_id,
+            messages=history,
+            usage=usage,
+            iterations=message.iterations,
+            limit=message.limit,
+            allowed=_figure(message, "allowed"),
+            used=_figure(message, "used"),
+            scope=message.scope,
+            counted=usage_of(message.counted) if message.HasField("counted") else None,
+        )
     if kind is not None and issubclass(kind, errors.RunError):
         return kind(
             message.message,

@@ -278,11 +278,31 @@ def test_usage_limit_exceeded_keeps_its_type_over_the_wire() -> None:
     sent = legion.UsageLimitExceeded(
         "Echo: the run of Echo's budget max_tokens=1 is spent (30 counted)",
         run_id="r1",
-        usage=legion.Usage(25, 5, 30, None, 1),
+        usage=legion.Usage(25, 5, 30, None, 1, tool_calls=2, sandbox_seconds=0.75),
         iterations=0,
         limit="max_tokens",
+        allowed=1,
+        used=30,
+        scope="run of Echo",
+        counted=legion.Usage(50, 10, 60, 0.125, 2, tool_calls=3, sandbox_seconds=1.5),
     )
     got = run_error(error_message(sent, "r1"))
     assert isinstance(got, legion.UsageLimitExceeded)
     assert str(got) == str(sent) and got.run_id == "r1"
-    assert got.usage.total_tokens == 30
+    assert got.usage == sent.usage and got.counted == sent.counted
+    assert (got.limit, got.allowed, got.used, got.scope) == ("max_tokens", 1, 30, "run of Echo")
+    assert isinstance(got.allowed, int) and isinstance(got.used, int)
+
+
+def test_usage_limit_exceeded_without_figures_over_the_wire() -> None:
+    # A refused tool call's error names no counted usage; seconds and dollars stay floats.
+    sent = legion.UsageLimitExceeded("x", limit="max_sandbox_seconds", allowed=2.0, used=2.5)
+    got = run_error(error_message(sent, "r2"))
+    assert isinstance(got, legion.UsageLimitExceeded) and got.run_id == "r2"
+    assert (got.limit, got.allowed, got.used, got.scope) == ("max_sandbox_seconds", 2.0, 2.5, "")
+    assert isinstance(got.allowed, float) and got.counted is None
+    bare = run_error(error_message(legion.UsageLimitExceeded("y"), "r3"))
+    assert isinstance(bare, legion.UsageLimitExceeded)
+    assert (bare.limit, bare.allowed, bare.used, bare.counted) == ("", None, None, None)
+    other = run_error(error_message(legion.MaxIterationsReached("z", usage=legion.Usage()), "r4"))
+    assert not hasattr(other, "limit")  # other run errors gain no budget fields

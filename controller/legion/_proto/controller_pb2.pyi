@@ -58,18 +58,22 @@ class FileData(_message.Message):
     def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "requests")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "requests", "tool_calls", "sandbox_seconds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     cost_usd: float
     requests: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., requests: _Optional[int] = ...) -> None: ...
+    tool_calls: int
+    sandbox_seconds: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., requests: _Optional[int] = ..., tool_calls: _Optional[int] = ..., sandbox_seconds: _Optional[float] = ...) -> None: ...
 
 class RunResult(_message.Message):
     __slots__ = ("run_id", "output_json", "iterations", "usage", "messages_json", "files", "files_note")
@@ -90,20 +94,30 @@ class RunResult(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., output_json: _Optional[str] = ..., iterations: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., messages_json: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileData, _Mapping]]] = ..., files_note: _Optional[str] = ...) -> None: ...
 
 class RunError(_message.Message):
-    __slots__ = ("run_id", "type", "message", "iterations", "usage", "messages_json")
+    __slots__ = ("run_id", "type", "message", "iterations", "usage", "messages_json", "limit", "allowed", "used", "scope", "counted")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     type: str
     message: str
     iterations: int
     usage: Usage
     messages_json: str
-    def __init__(self, run_id: _Optional[str] = ..., type: _Optional[str] = ..., message: _Optional[str] = ..., iterations: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., messages_json: _Optional[str] = ...) -> None: ...
+    limit: str
+    allowed: float
+    used: float
+    scope: str
+    counted: Usage
+    def __init__(self, run_id: _Optional[str] = ..., type: _Optional[str] = ..., message: _Optional[str] = ..., iterations: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., messages_json: _Optional[str] = ..., limit: _Optional[str] = ..., allowed: _Optional[float] = ..., used: _Optional[float] = ..., scope: _Optional[str] = ..., counted: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("name", "run_id", "parent_run_id", "time", "data_json", "conversation_id")
