@@ -5,8 +5,6 @@ with the same cancellation and error rules."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
 
 import docker
 import pytest
@@ -16,55 +14,17 @@ from legion.testing import ScriptedModel, action, use_models
 
 from ..reliability.support import container_exists, wait_until
 
+# the sub-agents' workers, and their gate: Checkin.here(task) waits for Checkin.gate
+from .test_subagents import (
+    Checkin,
+    Shouter,
+    Worker,
+    _checkin,  # noqa: F401 - autouse: a clear gate per test
+    shouter_model,
+    worker_model,
+)
+
 pytestmark = pytest.mark.docker
-
-
-class Gate:
-    """Where workers say they have started, and wait for the test to let them go."""
-
-    seen: list[str] = []
-    lock = threading.Lock()
-    opened = threading.Event()
-
-    def here(self, task: str) -> None:
-        with self.lock:
-            self.seen.append(task)
-        self.opened.wait(60)
-
-
-@pytest.fixture(autouse=True)
-def _gate() -> Iterator[None]:
-    Gate.seen.clear()
-    Gate.opened.clear()
-    yield
-    Gate.opened.set()  # no tool thread stays blocked after its test
-
-
-class Worker(legion.Agent):
-    """Does one piece of work in its sandbox."""
-
-    tools = [Gate]
-
-
-class Shouter(legion.Agent):
-    """Shouts what it is given."""
-
-
-def worker_model(sleep: float = 0) -> ScriptedModel:
-    """A worker that checks in from its container, then answers with its task."""
-
-    def reply(messages: list[dict[str, str]]) -> str:
-        task = messages[1]["content"]
-        code = f"import time\nGate.here({task!r})\ntime.sleep({sleep})\n{task!r}.upper()"
-        return action("eval_and_complete", code)
-
-    return ScriptedModel(reply)
-
-
-def shouter_model() -> ScriptedModel:
-    return ScriptedModel(
-        lambda messages: action("return", result=messages[1]["content"].upper() + "!")
-    )
 
 
 async def containers_of(
@@ -83,9 +43,9 @@ async def test_parallel_runs_each_agent_in_its_own_container_at_once(
         with use_models({"Worker": worker_model()}):
             calls = [(Worker, "a"), (Worker, "b"), (Worker, "c")]
             together = asyncio.create_task(legion.parallel(calls, runtime=runtime))
-            await wait_until(lambda: len(Gate.seen) == 3, 60, "three workers")
+            await wait_until(lambda: len(Checkin.seen) == 3, 60, "three workers")
             containers = await containers_of(runtime, events)  # all three are working
-            Gate.opened.set()
+            Checkin.gate.set()
             answers = await together
     finally:
         unsubscribe()
@@ -97,10 +57,10 @@ async def test_max_parallel_bounds_the_runs_at_once(runtime: legion.SandboxRunti
     with use_models({"Worker": worker_model()}):
         calls = [(Worker, "a"), (Worker, "b"), (Worker, "c")]
         together = asyncio.create_task(legion.parallel(calls, runtime=runtime, max_parallel=2))
-        await wait_until(lambda: len(Gate.seen) == 2, 60, "two workers")
+        await wait_until(lambda: len(Checkin.seen) == 2, 60, "two workers")
         await asyncio.sleep(1)
-        assert len(Gate.seen) == 2  # the third waits for a slot
-        Gate.opened.set()
+        assert len(Checkin.seen) == 2  # the third waits for a slot
+        Checkin.gate.set()
         assert await together == ["A", "B", "C"]
 
 
@@ -162,22 +122,22 @@ async def test_a_bad_call_is_refused_before_any_run_starts() -> None:
 class Breaker(legion.Agent):
     """Checks in, then fails."""
 
-    tools = [Gate]
+    tools = [Checkin]
 
 
 async def test_one_failure_in_parallel_cancels_the_rest(runtime: legion.SandboxRuntime) -> None:
     events: list[legion.telemetry.Event] = []
     breaker = ScriptedModel(
-        lambda messages: action("eval_and_complete", "Gate.here('break')\nraise ValueError('no')")
+        lambda messages: action("eval_and_complete", "Checkin.here('x')\nraise ValueError('no')")
     )
     unsubscribe = legion.telemetry.subscribe(events.append)
     try:
         with use_models({"Worker": worker_model(sleep=60), "Breaker": breaker}):
             calls = [(Worker, "slow"), (Breaker, "x")]
             together = asyncio.create_task(legion.parallel(calls, runtime=runtime, max_retries=0))
-            await wait_until(lambda: len(Gate.seen) == 2, 60, "both at work")
+            await wait_until(lambda: len(Checkin.seen) == 2, 60, "both at work")
             containers = await containers_of(runtime, events)
-            Gate.opened.set()  # the worker now sleeps 60 s: only cancelling ends it early
+            Checkin.gate.set()  # the worker now sleeps 60 s: only cancelling ends it early
             with pytest.raises(legion.MaxRetriesReached) as caught:
                 await asyncio.wait_for(together, 45)
     finally:
@@ -210,7 +170,7 @@ async def test_cancelling_parallel_removes_the_containers(runtime: legion.Sandbo
             together = asyncio.create_task(
                 legion.parallel([(Worker, "a"), (Worker, "b")], runtime=runtime)
             )
-            await wait_until(lambda: len(Gate.seen) == 2, 60, "two workers")
+            await wait_until(lambda: len(Checkin.seen) == 2, 60, "two workers")
             containers = await containers_of(runtime, events)
             together.cancel()
             with pytest.raises(asyncio.CancelledError):
