@@ -288,10 +288,32 @@ except ImportError:
     _tracer = None
 
 
-@contextlib.contextmanager
-def span(name: str, **data: Any) -> Iterator[dict[str, Any]]:
+class _QuietSpan:
+    """What :func:`span` is when nobody listens and no tracer is installed:
+    no events to make, so nothing to time (the tool-call hot path)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> dict[str, Any]:
+        return {}
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_QUIET = _QuietSpan()
+
+
+def span(name: str, **data: Any) -> contextlib.AbstractContextManager[dict[str, Any]]:
     """Emit ``name.start``, then ``name.stop`` (or ``name.exception``) with the
     duration. Fields added to the yielded dict go on the stop event."""
+    if not _handlers and _tracer is None:
+        return _QUIET
+    return _span(name, **data)
+
+
+@contextlib.contextmanager
+def _span(name: str, **data: Any) -> Iterator[dict[str, Any]]:
     start, stop, exception = _span_events(name)
     emit(start, **data)
     extra: dict[str, Any] = {}

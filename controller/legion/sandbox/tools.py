@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -240,6 +241,33 @@ def _tool_executor() -> concurrent.futures.ThreadPoolExecutor:
     return _executor
 
 
+def _in_thread(work: Callable[[], Any]) -> asyncio.Future[Any]:
+    """``work()`` on a tool thread; its outcome as a future of the running loop.
+    What ``loop.run_in_executor`` does, with one wake-up of the loop and no
+    chained concurrent future (it is on every sync tool call's path)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, outcome: Any) -> None:
+        if future.cancelled():
+            return
+        if ok:
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
+
+    def run() -> None:
+        try:
+            outcome, ok = work(), True
+        except BaseException as exc:  # handed to the caller's loop
+            outcome, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(settle, ok, outcome)
+
+    _tool_executor().submit(run)
+    return future
+
+
 RateLimitMode = Literal["wait", "fail"]
 RATE_LIMIT_MODES: tuple[RateLimitMode, ...] = ("wait", "fail")
 """What a tool call over the rate does (``SandboxLimits.tool_rate_limit_mode``):
@@ -467,9 +495,7 @@ class ToolDispatcher:
                 if fn.is_async:
                     value = await asyncio.create_task(fn.call(*args, **kwargs), context=ctx)
                 else:
-                    loop = asyncio.get_running_loop()
-                    work = functools.partial(ctx.run, fn.call, *args, **kwargs)
-                    value = await loop.run_in_executor(_tool_executor(), work)
+                    value = await _in_thread(functools.partial(ctx.run, fn.call, *args, **kwargs))
         except pydantic.ValidationError as exc:
             return _error(
                 call_id,
