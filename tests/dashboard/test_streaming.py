@@ -10,13 +10,12 @@ import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import legion
-from legion.testing import FakeOpenAIServer, Reply, action
-from tests.server.conftest import script
+from legion.testing import FakeOpenAIServer, action
+from tests.server.test_streaming import streamed_slowly
 
 from .conftest import (
     DASHBOARD_LINE,
@@ -34,17 +33,12 @@ pytestmark = pytest.mark.docker
 RESULT = {"streamed": "into the trace, piece by piece", "pieces": [1, 2, 3, 4]}
 
 
-def slow_script(messages: list[dict[str, Any]]) -> Reply:
-    reply = script(messages)
-    return Reply(content=reply if isinstance(reply, str) else reply.content, chunk_delay=1.0)
-
-
 @pytest.fixture(scope="module")
 def slow_dashboard(
     docker_ready: None, tokens: Tokens, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     where = tmp_path_factory.mktemp("streaming-dashboard")
-    with FakeOpenAIServer(slow_script) as model:
+    with FakeOpenAIServer(streamed_slowly(1.0)) as model:
         server = start_server(
             [
                 *("--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0"),

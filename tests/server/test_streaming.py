@@ -8,7 +8,7 @@ reply in four pieces, a fixed delay apart."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,16 +33,21 @@ pytestmark = pytest.mark.docker
 PIECE_DELAY = 0.2
 
 
-def slow_script(messages: list[dict[str, Any]]) -> Reply:
-    """The shared fake model's answers (tests/server/conftest.py), streamed slowly."""
-    reply = script(messages)
-    content = reply if isinstance(reply, str) else reply.content
-    return Reply(content=content, chunk_delay=PIECE_DELAY)
+def streamed_slowly(chunk_delay: float) -> Callable[[list[dict[str, Any]]], Reply]:
+    """The shared fake model's answers (tests/server/conftest.py), each reply's
+    pieces ``chunk_delay`` seconds apart."""
+
+    def answer(messages: list[dict[str, Any]]) -> Reply:
+        reply = script(messages)
+        content = reply if isinstance(reply, str) else reply.content
+        return Reply(content=content, chunk_delay=chunk_delay)
+
+    return answer
 
 
 @pytest.fixture(scope="module")
 def slow_model() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(slow_script) as server:
+    with FakeOpenAIServer(streamed_slowly(PIECE_DELAY)) as server:
         yield server
 
 
