@@ -136,5 +136,5 @@ def test_a_bad_auth_option_stops_the_server_at_start(fake_model: FakeOpenAIServe
         "--auth", f"{AGENTS}:failing_factory",
         env=server_env(fake_model), timeout=60,
     )  # fmt: skip
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     assert "the factory raised RuntimeError: no configuration" in done.stderr
