@@ -1,8 +1,8 @@
 """Streamed replies through `legion serve` (a real subprocess): a run's
 ``llm.delta`` events reach ``Client.run(on_event=...)`` while the model's
 reply is still coming, in order, before the request's ``llm.request.stop``,
-adding up to its reply; `legion run --remote` shows the reply growing on one
-line of stderr. The model is a FakeOpenAIServer of this test that sends each
+adding up to its reply; `legion run` (remote, and embedded) shows the reply
+growing on one line of stderr. The model is a FakeOpenAIServer of this test that sends each
 reply in four pieces, a fixed delay apart."""
 
 from __future__ import annotations
@@ -97,13 +97,16 @@ async def test_deltas_reach_client_run_as_the_reply_streams(
     assert stopped - first_delta >= PIECE_DELAY * 0.75, stopped - first_delta
 
 
+@pytest.mark.parametrize("where", ["remote", "embedded"])
 def test_legion_run_shows_the_reply_growing_on_stderr(
-    streaming_server: ServerProcess, slow_model: FakeOpenAIServer, tokens: Tokens
+    streaming_server: ServerProcess, slow_model: FakeOpenAIServer, tokens: Tokens, where: str
 ) -> None:
     env = server_env(slow_model, LEGION_SERVER_TOKEN=tokens.alice)
-    done = legion_cli(
-        "run", "Echo", "#json 7", "--remote", streaming_server.address, env=env, timeout=120
-    )
+    if where == "remote":
+        args = ["Echo", "#json 7", "--remote", streaming_server.address]
+    else:
+        args = ["tests.server.agents:Echo", "#json 7"]
+    done = legion_cli("run", *args, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "7"
     lines = done.stderr.splitlines()
