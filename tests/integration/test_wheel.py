@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,7 +27,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import docker
 import pytest
@@ -34,8 +34,8 @@ import pytest
 import legion
 from legion.sandbox import environment as legion_environment
 from legion.sandbox import image as legion_image
-from legion.testing import FakeOpenAIServer, action
-from tests.server.conftest import ServerProcess, stop_cleanly
+from legion.testing import FakeOpenAIServer
+from tests.server.conftest import ServerProcess, _pump, script, stop_cleanly
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -122,9 +122,10 @@ def _outside_env(venv: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def release(docker_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Release:
+def release(docker_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     """The wheel and sdist built from the checkout, and the wheel installed
-    into a fresh virtualenv in a temporary directory (outside the checkout)."""
+    into a fresh virtualenv in a temporary directory (outside the checkout),
+    removed afterwards (it takes about 430 MB)."""
     where = tmp_path_factory.mktemp("release")
     assert not where.resolve().is_relative_to(ROOT)
     dist, venv, work = where / "dist", where / "venv", where / "work"
@@ -144,15 +145,18 @@ def release(docker_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Rel
     (sdist,) = dist.glob("*.tar.gz")
     env = _outside_env(venv)
     started = time.monotonic()
-    for command in (
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)],
-    ):
-        done = subprocess.run(
-            command, cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False
-        )
-        assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}{done.stderr}"
-    return Release(wheel, sdist, venv, work, env, time.monotonic() - started)
+    try:
+        for command in (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)],
+        ):
+            done = subprocess.run(
+                command, cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False
+            )
+            assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}{done.stderr}"
+        yield Release(wheel, sdist, venv, work, env, time.monotonic() - started)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def test_the_distributions_carry_the_image_source_scripts_and_licence(release: Release) -> None:
@@ -173,9 +177,9 @@ def test_the_distributions_carry_the_image_source_scripts_and_licence(release: R
         f"the wheel's sandbox_image differs from the checkout's: "
         f"missing {sorted(in_checkout - packaged)}, extra {sorted(packaged - in_checkout)}"
     )
-    for script in ("build-base-image", "debian-mirror"):
-        mode = members[f"legion/_scripts/{script}"].external_attr >> 16
-        assert mode & 0o111, f"{script} is not executable in the wheel"
+    for name in ("build-base-image", "debian-mirror"):
+        mode = members[f"legion/_scripts/{name}"].external_attr >> 16
+        assert mode & 0o111, f"{name} is not executable in the wheel"
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in members)
     with tarfile.open(release.sdist) as sdist:
         top = f"legion_python-{legion.__version__}/"
@@ -232,21 +236,11 @@ def test_the_installed_package_runs_a_sandbox_with_a_tool_call(release: Release)
     assert Path(result["legion"]).is_relative_to(release.venv), result
 
 
-def _script(messages: list[dict[str, Any]]) -> Any:
-    return action("eval_and_complete", str(messages[1]["content"]))
-
-
 @pytest.fixture
 def fake_model() -> Iterator[FakeOpenAIServer]:
-    """A model whose answer is to run the task as code."""
-    with FakeOpenAIServer(_script) as server:
+    """The server tests' model: a task ``#code <python>`` runs that code."""
+    with FakeOpenAIServer(script) as server:
         yield server
-
-
-def _lines(stream: IO[str], into: queue.Queue[str | None]) -> None:
-    for line in stream:
-        into.put(line)
-    into.put(None)
 
 
 def test_the_installed_package_serves_an_agent(
@@ -275,7 +269,7 @@ def test_the_installed_package_serves_an_agent(
         )
     assert process.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
     server = ServerProcess(process, "", stderr)
     try:
         while not server.address:
@@ -287,7 +281,7 @@ def test_the_installed_package_serves_an_agent(
             release.bin("legion"),
             "run",
             "Adder",
-            "Calculator.add(40, 2)",
+            "#code Calculator.add(40, 2)",
             "--remote",
             server.address,
             "--quiet",
