@@ -322,7 +322,9 @@ class Client:
         """Approve (or refuse, saying why in ``reason``) the held tool call
         ``ref`` (from a ``tool.approval`` event), as this client's principal.
         Raises :class:`legion.PermissionDenied` when the call names other
-        approvers (or, naming none, belongs to another principal's run), and
+        approvers, by name or as ``role:NAME`` for a role this principal's
+        vault does not hold (or, naming none, belongs to another principal's
+        run), and
         :class:`legion.NotFound` when it is no longer waiting."""
         request = approval_message(ref, approved=approved, reason=reason)
         await self._unary("RespondApproval", request)

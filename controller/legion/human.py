@@ -35,6 +35,9 @@ function runs, once, with those arguments only after an approval arrives:
 When the approval names ``approvers``, only a decision by one of those
 principals counts (another raises :class:`legion.PermissionDenied`, and the
 call stays held); with none, the principal whose run made the call decides.
+An approver written ``role:NAME`` is any principal holding the role NAME:
+pass the decider's ``roles`` to :func:`respond_approval` (under ``legion
+serve``, the roles are the principal's vault's ``roles``, see :func:`roles_of`).
 A refusal raises ``ApprovalRefused`` in the sandbox code and a timeout
 ``ApprovalTimeout`` (both ``ToolError``); the model reads why.
 """
@@ -47,7 +50,7 @@ import functools
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -58,7 +61,7 @@ from ._ctx import bound
 from ._log import get_logger
 from .errors import HumanRequestNotFound, PermissionDenied, UsageError
 from .sandbox.tools import own_timeout
-from .tool import Approval, Tool, requires_approval
+from .tool import Approval, Tool, may_decide, requires_approval, who_decides
 
 __all__ = [
     "Approval",
@@ -74,6 +77,7 @@ __all__ = [
     "requires_approval",
     "respond",
     "respond_approval",
+    "roles_of",
     "run_of",
 ]
 
@@ -108,7 +112,8 @@ class ApprovalRequest:
     """The arguments the function runs with when approved, as the code sent them."""
     kwargs: Mapping[str, Any]
     approvers: tuple[str, ...]
-    """The principals whose decision counts; empty: the run's own principal."""
+    """The principals whose decision counts, by name or as ``role:NAME``;
+    empty: the run's own principal."""
     timeout: float
     agent: str | None
     run_id: str | None
@@ -124,6 +129,8 @@ class ApprovalDecision:
     """Shown to the code (and the model) with a refusal."""
     principal: str | None = None
     """Who decided; it must be one of the request's ``approvers`` when it names some."""
+    roles: tuple[str, ...] = ()
+    """The roles ``principal`` holds (for an approver written ``role:NAME``)."""
 
 
 HumanHandler = Callable[[HumanRequest], Any]
@@ -214,30 +221,54 @@ def respond(ref: str, answer: Any) -> None:
 
 
 def respond_approval(
-    ref: str, *, approved: bool, reason: str = "", principal: str | None = None
+    ref: str,
+    *,
+    approved: bool,
+    reason: str = "",
+    principal: str | None = None,
+    roles: Iterable[str] = (),
 ) -> None:
-    """Approve (or refuse) the held tool call ``ref``, as ``principal``. Safe
-    from any thread.
+    """Approve (or refuse) the held tool call ``ref``, as ``principal``, who
+    holds ``roles``. Safe from any thread.
 
     Raises :class:`legion.HumanRequestNotFound` when no approval with that ref
     is waiting, and :class:`legion.PermissionDenied` when the request names
-    its approvers and ``principal`` is not one of them (the call stays held).
+    its approvers and ``principal`` is not one of them, nor holds a role they
+    name as ``role:NAME`` (the call stays held).
     """
     if not isinstance(approved, bool):
         raise UsageError(f"approved must be True or False, not {approved!r}")
     if not isinstance(reason, str):
         raise UsageError(f"reason must be a string, not {type(reason).__name__}")
+    if isinstance(roles, str) or not isinstance(roles, Iterable):
+        raise UsageError(f"roles must be a list of role names, not {roles!r}")
+    roles = tuple(roles)
+    if not all(isinstance(role, str) for role in roles):
+        raise UsageError(f"roles must be a list of role names, not {roles!r}")
     request = approval_of(ref)
     if request is None:
         raise _not_waiting("approval request", ref)
-    if request.approvers and principal not in request.approvers:
+    if request.approvers and not may_decide(request.approvers, principal, roles):
         who = f"principal {principal!r}" if principal else "a decision that names no principal"
         raise PermissionDenied(
             f"approval {ref!r} of {_label(request.tool, request.function)} is for "
-            f"{', '.join(request.approvers)} to decide, not {who}",
+            f"{who_decides(request.approvers)} to decide, not {who}",
             code="PERMISSION_DENIED",
         )
-    _deliver(ref, "approval request", ApprovalDecision(approved, reason, principal))
+    _deliver(ref, "approval request", ApprovalDecision(approved, reason, principal, roles))
+
+
+def roles_of(vault: Mapping[str, Any]) -> frozenset[str]:
+    """The roles a principal holds: its vault's ``roles``, a list of names (a
+    single string is one role; anything else, none). ``legion serve`` fills
+    it from a token table entry's ``vault = { roles = ["finance"] }`` or, with
+    JWTs, from the claim mapped to the vault key ``roles``."""
+    held = vault.get("roles")
+    if isinstance(held, str):
+        return frozenset({held})
+    if isinstance(held, (list, tuple, set, frozenset)):
+        return frozenset(r for r in held if isinstance(r, str) and r)
+    return frozenset()
 
 
 def _deliver(ref: str, what: str, value: Any) -> None:
@@ -347,7 +378,13 @@ def _decide(ref: str, value: Any) -> None:
         raise UsageError(
             f"an approval handler returns True, False or an ApprovalDecision, not {value!r}"
         )
-    respond_approval(ref, approved=value.approved, reason=value.reason, principal=value.principal)
+    respond_approval(
+        ref,
+        approved=value.approved,
+        reason=value.reason,
+        principal=value.principal,
+        roles=value.roles,
+    )
 
 
 def _label(tool: str, function: str) -> str:

@@ -21,8 +21,10 @@ and call, without writing a wrapper.
 
 A function can require a person's approval before each call: decorate it
 with :func:`requires_approval`, or name it in the tool's ``tool_config``
-(``{"Payments": {"approval": {"refund": {"approver": "alice"}}}}``). The hold
-is on the host, where the tool lives; see :mod:`legion.human`.
+(``{"Payments": {"approval": {"refund": {"approver": "alice"}}}}``). An
+approver is a principal's name, or ``role:NAME`` for any principal holding
+the role NAME. The hold is on the host, where the tool lives; see
+:mod:`legion.human`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import inspect
 import math
 import textwrap
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -45,13 +47,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_APPROVAL_TIMEOUT = 300.0
 
+ROLE = "role:"
+"""An approver written ``role:NAME`` is every principal holding the role NAME
+(under ``legion serve``, a principal's roles are its vault's ``roles``)."""
+
 
 @dataclass(frozen=True)
 class Approval:
     """Each call of a tool function waits for a person to approve it.
 
-    ``approvers`` are the principals whose approval counts; empty: the
-    principal whose run makes the call (embedded, whoever answers). After
+    ``approvers`` are the principals whose approval counts, by name or as
+    ``role:NAME`` (any principal holding that role); empty: the principal
+    whose run makes the call (embedded, whoever answers). After
     ``timeout`` seconds without a decision the call fails with
     ``ApprovalTimeout`` in the code; a refusal fails it with
     ``ApprovalRefused``. Either way the function never runs.
@@ -65,10 +72,10 @@ class Approval:
         if isinstance(approvers, str):
             approvers = (approvers,)
         if not isinstance(approvers, (tuple, list)) or not all(
-            isinstance(a, str) and a.strip() for a in approvers
+            isinstance(a, str) and a.strip() and a.removeprefix(ROLE).strip() for a in approvers
         ):
             raise UsageError(
-                f"approval: approver must be a principal's name or a list of them, "
+                f"approval: approver must be a principal's name, role:NAME, or a list of them, "
                 f"got {self.approvers!r}"
             )
         object.__setattr__(self, "approvers", tuple(approvers))
@@ -112,7 +119,8 @@ def requires_approval(
             @legion.human.requires_approval(approver="alice", timeout=120)
             def refund(self, order: str, amount: float) -> str: ...
 
-    Bare ``@requires_approval`` lets the run's own principal approve.
+    Bare ``@requires_approval`` lets the run's own principal approve;
+    ``approver="role:finance"`` lets any principal holding the role finance.
     """
     approval = Approval(approvers=_approvers(approver), timeout=timeout)
 
@@ -131,13 +139,33 @@ def _approvers(approver: Any) -> tuple[str, ...]:
     if isinstance(approver, Sequence):
         return tuple(approver)
     raise UsageError(
-        f"approval: approver must be a principal's name or a list of them, got {approver!r}"
+        f"approval: approver must be a principal's name, role:NAME, or a list of them, "
+        f"got {approver!r}"
     )
+
+
+def may_decide(approvers: Iterable[str], principal: str | None, roles: Iterable[str] = ()) -> bool:
+    """Whether ``principal``, holding ``roles``, is one of ``approvers``: named
+    there, or holding a role named there as ``role:NAME``."""
+    held = frozenset(roles)
+    return any(
+        approver.removeprefix(ROLE) in held if approver.startswith(ROLE) else approver == principal
+        for approver in approvers
+    )
+
+
+def who_decides(approvers: Sequence[str]) -> str:
+    """``approvers`` in words: "alice, bob or a principal with the role finance"."""
+    names = [a for a in approvers if not a.startswith(ROLE)]
+    roles = [a.removeprefix(ROLE) for a in approvers if a.startswith(ROLE)]
+    if roles:
+        names.append(f"a principal with the role {' or '.join(roles)}")
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def approval_of(spec: Any, *, where: str) -> Approval:
     """An :class:`Approval` from a ``tool_config`` entry: ``True``, a principal's
-    name, a list of names, or ``{"approver": ..., "timeout": ...}``."""
+    name (or ``role:NAME``), a list of them, or ``{"approver": ..., "timeout": ...}``."""
     if isinstance(spec, Approval):
         return spec
     if spec is True:

@@ -45,6 +45,13 @@ class AliceApproves(legion.Agent):
     tool_config = {"Payments": {"approval": {"refund": {"approver": "alice", "timeout": 60}}}}
 
 
+class FinanceApproves(legion.Agent):
+    """Refunds orders; anyone in finance approves each."""
+
+    tools = [Payments]
+    tool_config = {"Payments": {"approval": {"refund": {"approver": "role:finance"}}}}
+
+
 class Hasty(legion.Agent):
     """Nobody waits long for its refunds."""
 
@@ -159,6 +166,62 @@ async def test_only_the_named_approver_decides(runtime: legion.SandboxRuntime) -
 
 
 @pytest.mark.docker
+async def test_a_role_approver_is_anyone_holding_the_role(runtime: legion.SandboxRuntime) -> None:
+    running = asyncio.create_task(
+        legion.run(FinanceApproves, "refund", model=ScriptedModel([REFUND]), runtime=runtime)
+    )
+    try:
+        await wait_until(lambda: bool(legion.human.pending_approvals()), 30, "the approval")
+        (request,) = legion.human.pending_approvals()
+        assert request.approvers == ("role:finance",)
+        refused = "for a principal with the role finance to decide, not principal 'bob'"
+        with pytest.raises(legion.PermissionDenied, match=refused):
+            legion.human.respond_approval(request.ref, approved=True, principal="bob")
+        with pytest.raises(legion.PermissionDenied):
+            legion.human.respond_approval(
+                request.ref, approved=True, principal="bob", roles=["support", "Finance"]
+            )
+        with pytest.raises(legion.PermissionDenied):  # a principal named like the role is not it
+            legion.human.respond_approval(request.ref, approved=True, principal="finance")
+        with pytest.raises(legion.UsageError, match="list of role names"):
+            legion.human.respond_approval(request.ref, approved=True, roles="finance")
+        await asyncio.sleep(0.2)
+        assert REFUNDS == [] and legion.human.pending_approvals() == [request]
+        legion.human.respond_approval(
+            request.ref, approved=True, principal="dana", roles=["support", "finance"]
+        )
+        result = await running
+    finally:
+        running.cancel()
+    assert result.output == "refunded 25 on o-17"
+    assert REFUNDS == [("o-17", 25.0)]
+
+
+@pytest.mark.docker
+async def test_a_handler_decides_for_a_role_by_naming_its_roles(
+    runtime: legion.SandboxRuntime,
+) -> None:
+    @requires_approval(approver=["alice", "role:ops"], timeout=30)
+    def deploy(service: str) -> str:
+        return f"deployed {service}"
+
+    seen: list[ApprovalRequest] = []
+
+    def as_dana(request: ApprovalRequest) -> ApprovalDecision:
+        seen.append(request)
+        return ApprovalDecision(False, "freeze", principal="dana", roles=("ops",))
+
+    with legion.human.approval_handler(as_dana):
+        async with legion.Sandbox(tools=[deploy], runtime=runtime) as box:
+            result = await box.run(
+                'try:\n    r = deploy("web")\nexcept ToolError as exc:\n    r = str(exc)\nr'
+            )
+    assert result.error is None, result.error
+    assert result.value == "deploy was refused by dana: freeze; the call did not run"
+    assert [r.approvers for r in seen] == [("alice", "role:ops")]
+
+
+@pytest.mark.docker
 async def test_no_decision_times_out_as_a_clear_error(runtime: legion.SandboxRuntime) -> None:
     events: list[legion.telemetry.Event] = []
     unsubscribe = _recorded(events)
@@ -233,3 +296,14 @@ def test_bad_approval_options_fail_at_definition() -> None:
         agent({"refund": {"approvers": "alice"}})
     with pytest.raises(legion.UsageError, match="principal's name"):
         requires_approval(approver=[""])
+    with pytest.raises(legion.UsageError, match="role:NAME"):
+        requires_approval(approver="role: ")
+    with pytest.raises(legion.UsageError, match="role:NAME"):
+        agent({"refund": {"approver": ["alice", "role:"]}})
+
+
+def test_roles_come_from_the_vaults_roles() -> None:
+    assert legion.human.roles_of({"roles": ["finance", "ops", 3, ""]}) == {"finance", "ops"}
+    assert legion.human.roles_of({"roles": "finance"}) == {"finance"}
+    assert legion.human.roles_of({"roles": {"finance": True}}) == frozenset()
+    assert legion.human.roles_of({"user": "alice"}) == frozenset()

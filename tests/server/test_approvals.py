@@ -1,13 +1,15 @@
 """Approvals through the controller: a real `legion serve` holds a tool call
 until a principal decides with RespondApproval. Only the run's principal (or,
-when the tool names them, its approvers) may decide; the tool runs on the
-server's host, and its ledger file shows whether it ran."""
+when the tool names them, its approvers, by name or by a role in their
+vault) may decide; the tool runs on the server's host, and its ledger file
+shows whether it ran."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -57,6 +59,13 @@ class AliceApproves(legion.Agent):
     tool_config = {"Payments": {"approval": {"refund": {"approver": "alice"}}}}
 
 
+class FinanceApproves(legion.Agent):
+    """Refunds orders; anyone in finance approves."""
+
+    tools = [Payments]
+    tool_config = {"Payments": {"approval": {"refund": {"approver": "role:finance"}}}}
+
+
 class Hasty(legion.Agent):
     """Nobody waits long for its refunds."""
 
@@ -64,7 +73,16 @@ class Hasty(legion.Agent):
     tool_config = {"Payments": {"approval": {"refund": {"timeout": 0.5}}}}
 
 
-AGENTS = {"Cashier": Cashier, "AliceApproves": AliceApproves, "Hasty": Hasty}
+AGENTS = {
+    "Cashier": Cashier,
+    "AliceApproves": AliceApproves,
+    "FinanceApproves": FinanceApproves,
+    "Hasty": Hasty,
+}
+
+ROLES = {"dana": ["finance", "ops"], "erin": ["support"], "fred": ["finance"]}
+"""Principals of the token table beside alice, bob and carol, with the roles in their vault."""
+ROLE_TOKENS = {name: f"tok-{name}-{secrets.token_urlsafe(16)}" for name in ROLES}
 
 REFUND = (
     "#code try:\n    r = Payments.refund('o-17', amount=25)\n"
@@ -88,11 +106,18 @@ def approvals_server(
     """`legion serve --dashboard` offering AGENTS, its tools writing to ``ledger``
     (the dashboard's approval test shares it)."""
     where = tmp_path_factory.mktemp("approvals")
+    token_file = write_token_file(where, tokens)
+    with token_file.open("a") as table:
+        for name, roles in ROLES.items():
+            table.write(
+                f'\n["{ROLE_TOKENS[name]}"]\nname = "{name}"\n'
+                f'vault = {{ user = "{name}", roles = {json.dumps(roles)} }}\n'
+            )
     server = start_server(
         [
             *("--agents", f"{__name__}:AGENTS"),
             *("--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0"),
-            *("--tokens", str(write_token_file(where, tokens)), "--grace-seconds", "2"),
+            *("--tokens", str(token_file), "--grace-seconds", "2"),
         ],
         server_env(fake_model, **{LEDGER_ENV: str(ledger)}),
         where,
@@ -179,6 +204,45 @@ async def test_only_the_named_approver_decides_and_a_refusal_never_runs(
         "Payments.refund was refused by alice: refunds over 20 need a ticket; the call did not run",
     ]
     assert refunds(ledger) == before
+
+
+async def test_a_holder_of_the_role_approves_and_others_are_refused(
+    address: str, bob: legion.Client, ledger: Path
+) -> None:
+    before = refunds(ledger)
+    async with (
+        legion.Client(address, token=ROLE_TOKENS["dana"]) as dana,
+        legion.Client(address, token=ROLE_TOKENS["erin"]) as erin,
+        legion.Client(address, token=ROLE_TOKENS["fred"]) as fred,
+        dana.events(name_prefixes=["tool.approval"]) as danas,
+        fred.events(name_prefixes=["tool.approval"]) as freds,
+        erin.events(name_prefixes=["tool.approval"]) as erins,
+    ):
+        # bob runs it; dana and fred hold the role, so the request reaches their streams.
+        running = asyncio.create_task(bob.run("FinanceApproves", REFUND))
+        held = await next_event(danas, is_approval)
+        assert held.data["approvers"] == ["role:finance"]
+        ref = held.data["ref"]
+        assert (await next_event(freds, is_approval)).data["ref"] == ref
+        refused = "for a principal with the role finance to decide, not"
+        with pytest.raises(legion.PermissionDenied, match=f"{refused} erin"):
+            await erin.respond_approval(ref, approved=True)
+        with pytest.raises(legion.PermissionDenied, match=f"{refused} bob"):
+            await bob.respond_approval(ref, approved=True)  # the run's own principal too
+        await asyncio.sleep(0.2)
+        assert refunds(ledger) == before
+        await dana.respond_approval(ref, approved=True)
+        result = await asyncio.wait_for(running, 60)
+        decided = await next_event(danas, lambda e: e.name == "tool.approval.decision")
+        assert (await next_event(freds, lambda e: e.name == "tool.approval.decision")) == decided
+        with pytest.raises(legion.NotFound, match="no approval request"):
+            await fred.respond_approval(ref, approved=False)  # decided already
+        # erin, without the role, saw none of it.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(aiter(erins)), 0.5)
+    assert result.output == "refunded 25 on o-17"
+    assert refunds(ledger) == [*before, ["o-17", 25]]
+    assert decided.data["approved"] is True and decided.data["principal"] == "dana"
 
 
 async def test_no_decision_is_a_clear_timeout_and_bad_input_is_refused(

@@ -5,8 +5,12 @@ found for it. A run started here belongs to its caller, and so do the runs it
 starts (sub-agents): the run's task carries a context variable naming it, and
 every telemetry event emitted in that context (on the loop, or on a tool's
 thread) is routed to the run's own stream and to its owner's ``Events``
-streams, never to anyone else's. The caller's vault values (from the
-authenticator, never from the request) are bound around the run.
+streams, never to anyone else's, but for approval requests: those also go
+to the streams of the approvers they name, and, for an approver written
+``role:NAME``, to every open stream whose principal holds that role (its
+vault's ``roles``; principals cannot be listed, so nobody is told who they
+are). The caller's vault values (from the authenticator, never from the
+request) are bound around the run.
 
 Streams buffer a bounded number of events; a client too slow to read them
 loses the overflow (logged), the server never grows without bound.
@@ -73,6 +77,7 @@ from ..errors import (
 from ..prompt import build_system_prompt
 from ..sandbox import SandboxRuntime
 from ..store import ConversationStore, MemoryStore, UsageStore
+from ..tool import may_decide, who_decides
 from .auth import Principal, current_principal
 
 __all__ = ["CLIENT_CONFIG_KEYS", "SERVICE_NAME", "ControllerService"]
@@ -139,8 +144,8 @@ MAX_REASON = 4000
 
 
 def _approvers_of(event: telemetry.Event) -> frozenset[str]:
-    """The principals an approval event also goes to (besides the run's own):
-    the approvers it names, who may not own the run."""
+    """Who an approval event also goes to (besides the run's own principal):
+    the approvers it names (principals, or ``role:NAME``), who may not own the run."""
     if event.name not in _APPROVAL_EVENTS:
         return frozenset()
     named = event.data.get("approvers")
@@ -170,6 +175,8 @@ class _Subscriber:
     """Empty: every run of the principal. Grows with the runs they start."""
     conversation_id: str
     prefixes: tuple[str, ...]
+    roles: frozenset[str] = frozenset()
+    """The principal's roles when it subscribed: approvals for them come here too."""
     queue: asyncio.Queue[pb.Event | None] = field(default_factory=asyncio.Queue)
     dropped: int = 0
 
@@ -404,7 +411,10 @@ class ControllerService(pb_grpc.ControllerServicer):
                 self._owners.pop(run_id, None)
         for subscriber in self._subscribers:
             reader = subscriber.principal
-            if (reader == served.principal.name or reader in approvers) and subscriber.wants(event):
+            if (
+                reader == served.principal.name
+                or (approvers and may_decide(approvers, reader, subscriber.roles))
+            ) and subscriber.wants(event):
                 _offer(subscriber.queue, event, subscriber, f"events of {subscriber.principal}")
 
     # shared checks ----------------------------------------------------------------
@@ -834,6 +844,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             set(request.run_ids),
             request.conversation_id,
             tuple(request.name_prefixes),
+            human.roles_of(principal.vault),
         )
         self._subscribers.add(subscriber)
         try:
@@ -897,11 +908,12 @@ class ControllerService(pb_grpc.ControllerServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no approval request {ref[:100]!r} is waiting for a decision",
             )
-        if held.approvers and principal.name not in held.approvers:
+        roles = human.roles_of(principal.vault)
+        if held.approvers and not may_decide(held.approvers, principal.name, roles):
             await _abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"approval {ref!r} is for {', '.join(held.approvers)} to decide, "
+                f"approval {ref!r} is for {who_decides(held.approvers)} to decide, "
                 f"not {principal.name}",
             )
         if not held.approvers and owner.principal.name != principal.name:
@@ -916,6 +928,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 approved=request.approved,
                 reason=request.reason[:MAX_REASON],
                 principal=principal.name,
+                roles=roles,
             )
         except HumanRequestNotFound as exc:  # decided or timed out meanwhile
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
