@@ -138,16 +138,24 @@ async def test_the_model_reads_the_refusal(runtime: legion.SandboxRuntime) -> No
     assert "ApprovalRefused" in told and "Payments.refund was refused" in told
 
 
+async def held_refund(
+    agent: type[legion.Agent], runtime: legion.SandboxRuntime
+) -> tuple[asyncio.Task[legion.RunResult], ApprovalRequest]:
+    """A run of ``agent`` refunding once, and its refund's approval request, held."""
+    running = asyncio.create_task(
+        legion.run(agent, "refund", model=ScriptedModel([REFUND]), runtime=runtime)
+    )
+    await wait_until(lambda: bool(legion.human.pending_approvals()), 30, "the approval")
+    (request,) = legion.human.pending_approvals()
+    return running, request
+
+
 @pytest.mark.docker
 async def test_only_the_named_approver_decides(runtime: legion.SandboxRuntime) -> None:
     # A handler that names no principal cannot decide for alice either.
     with legion.human.approval_handler(lambda request: True):
-        running = asyncio.create_task(
-            legion.run(AliceApproves, "refund", model=ScriptedModel([REFUND]), runtime=runtime)
-        )
+        running, request = await held_refund(AliceApproves, runtime)
         try:
-            await wait_until(lambda: bool(legion.human.pending_approvals()), 30, "the approval")
-            (request,) = legion.human.pending_approvals()
             assert request.approvers == ("alice",)
             with pytest.raises(legion.PermissionDenied, match="for alice to decide"):
                 legion.human.respond_approval(request.ref, approved=True, principal="bob")
@@ -167,12 +175,8 @@ async def test_only_the_named_approver_decides(runtime: legion.SandboxRuntime) -
 
 @pytest.mark.docker
 async def test_a_role_approver_is_anyone_holding_the_role(runtime: legion.SandboxRuntime) -> None:
-    running = asyncio.create_task(
-        legion.run(FinanceApproves, "refund", model=ScriptedModel([REFUND]), runtime=runtime)
-    )
+    running, request = await held_refund(FinanceApproves, runtime)
     try:
-        await wait_until(lambda: bool(legion.human.pending_approvals()), 30, "the approval")
-        (request,) = legion.human.pending_approvals()
         assert request.approvers == ("role:finance",)
         refused = "for a principal with the role finance to decide, not principal 'bob'"
         with pytest.raises(legion.PermissionDenied, match=refused):
