@@ -51,7 +51,7 @@ def test_a_slow_clients_stream_drops_events_rather_than_grow(
 def test_event_data_is_json_and_never_unbounded() -> None:
     assert codec.data_json({"usage": legion.Usage(1, 2, 3, None, 1), "n": 1}) == (
         '{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, '
-        '"cost_usd": null, "requests": 1}, "n": 1}'
+        '"cost_usd": null, "requests": 1, "tool_calls": 0, "sandbox_seconds": 0.0}, "n": 1}'
     )
     assert codec.data_json({"thing": object()}).startswith('{"thing": "<object object at')
     clipped = codec.data_json({"code": "x" * (codec.MAX_EVENT_DATA + 1), "index": 3})
